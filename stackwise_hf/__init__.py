@@ -1,0 +1,1 @@
+"""stackwise_hf"""
