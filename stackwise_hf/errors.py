@@ -1,0 +1,17 @@
+"""Exceptions raised on bad input. Each message names the file, tensor, field or value at fault."""
+
+
+class StackWiseError(Exception):
+    """Base class of the library's own errors."""
+
+
+class CorruptFileError(StackWiseError, ValueError):
+    """A file exists but cannot be read as what it claims to be (truncated, bad header, hash mismatch)."""
+
+
+class ShapeMismatchError(StackWiseError, ValueError):
+    """Saved weights do not fit the rack (tensor shapes, block count, missing or extra tensors)."""
+
+
+class CheckpointError(StackWiseError, OSError):
+    """A training checkpoint is incomplete, damaged, or does not belong to this run."""
