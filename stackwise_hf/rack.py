@@ -188,7 +188,7 @@ class RackMixin:
         fits; errors name the file or tensor at fault. Returns True.
         """
         (stack_idx,) = growth.check_stack_indices(self, stack_idx)
-        resolve = _resolver(path, **hub_kwargs)
+        resolve = serialization.resolver_for(path, **hub_kwargs)
         index = serialization.read_index(resolve)
         if source_stack is None and len(index["metadata"]["stacks"]) > 1:
             source_stack = stack_idx
@@ -206,7 +206,7 @@ class RackMixin:
         The rack is first reshaped to the saved stack layout (stacks added or removed) when the
         saved config differs from it only there; any other architecture difference raises.
         """
-        resolve = _resolver(path, **hub_kwargs)
+        resolve = serialization.resolver_for(path, **hub_kwargs)
         saved = type(self.config).from_json_file(resolve("config.json"))
         _check_same_architecture(self.config, saved, path)
         index = serialization.read_index(resolve)
@@ -240,7 +240,7 @@ class RackMixin:
     def load_rack(self, path: str | os.PathLike, **hub_kwargs) -> bool:
         """Restores a rack saved with `save_rack` in place: weights, stack layout, dtypes and adapters."""
         self.load_rack_weights(path, **hub_kwargs)
-        resolve = _resolver(path, **hub_kwargs)
+        resolve = serialization.resolver_for(path, **hub_kwargs)
         if is_peft_available():
             from .adapters import load_adapters, manifest_exists
 
@@ -280,20 +280,6 @@ def _adapters_in(stack) -> set[str]:
         if isinstance(lora_a, torch.nn.ModuleDict):
             names.update(lora_a.keys())
     return names
-
-
-def _resolver(path, **hub_kwargs) -> serialization.Resolver:
-    if os.path.isdir(path):
-        if hub_kwargs:
-            raise ValueError(f"{path} is a local directory; Hub arguments {sorted(hub_kwargs)} do not apply.")
-        return serialization.local_resolver(path)
-    if os.path.exists(path):
-        raise NotADirectoryError(f"{path}: expected a rack or stack directory, found a file.")
-    if os.path.isabs(path) or path.startswith(".") or path.count("/") != 1:
-        raise FileNotFoundError(f"{path}: no such directory (and not a Hub repo id of the form 'namespace/name').")
-    from .hub import hub_resolver
-
-    return hub_resolver(path, **hub_kwargs)
 
 
 _ARCHITECTURE_FIELDS = (

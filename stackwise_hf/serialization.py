@@ -158,6 +158,23 @@ def local_resolver(directory: str | os.PathLike) -> Resolver:
     return resolve
 
 
+def resolver_for(path: str | os.PathLike, **hub_kwargs) -> Resolver:
+    """A resolver for a local rack/stack directory, or for a Hub repo id (`revision`, `token`, ...)."""
+    path = os.fspath(path)
+    hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
+    if os.path.isdir(path):
+        if hub_kwargs:
+            raise ValueError(f"{path} is a local directory; Hub arguments {sorted(hub_kwargs)} do not apply.")
+        return local_resolver(path)
+    if os.path.exists(path):
+        raise NotADirectoryError(f"{path}: expected a rack or stack directory, found a file.")
+    if os.path.isabs(path) or path.startswith(".") or path.count("/") != 1:
+        raise FileNotFoundError(f"{path}: no such directory (and not a Hub repo id of the form 'namespace/name').")
+    from .hub import hub_resolver
+
+    return hub_resolver(path, **hub_kwargs)
+
+
 def read_index(resolve: Resolver) -> dict:
     """Reads and checks `model.safetensors.index.json`; the metadata's `stacks` map is filled in
     from the weight map for indexes written by other tools."""
