@@ -51,7 +51,10 @@ _MODEL_LFS_PATTERNS = (
     " *.npz *.onnx *.ot *.parquet *.pb *.pickle *.pkl *.pt *.pth *.rar *.safetensors saved_model/**/*"
     " *.tar.* *.tar *.tflite *.tgz *.wasm *.xz *.zip *.zst *tfevents*"
 ).split()
-_DATASET_EXTRA_LFS_PATTERNS = "*.lz4 *.pcm *.sam *.raw *.aac *.flac *.mp3 *.ogg *.wav *.bmp *.gif *.png *.tiff *.jpg *.jpeg *.webp".split()
+# Dataset repos also send audio and image files to LFS.
+_DATASET_EXTRA_LFS_PATTERNS = (
+    "*.lz4 *.pcm *.sam *.raw *.aac *.flac *.mp3 *.ogg *.wav *.bmp *.gif *.png *.tiff *.jpg *.jpeg *.webp"
+).split()
 
 _URL_PREFIXES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 
@@ -184,6 +187,8 @@ class Repo:
 
 @dataclass
 class Request:
+    """An HTTP request, with the parameters its route pattern extracted."""
+
     method: str
     path: str
     query: dict[str, list[str]]
@@ -209,6 +214,8 @@ class Request:
 
 @dataclass
 class Response:
+    """What a route answers; the transport adds Content-Length and leaves the body out for HEAD."""
+
     status: int
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
@@ -281,7 +288,8 @@ ROUTE_NAMES = frozenset(name for name, _, _ in _ROUTES)
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
-def _match_route(path: str) -> tuple[str | None, dict[str, str | None], dict[str, str]]:
+def _match_route(path: str) -> tuple[str | None, dict[str, str], dict[str, str]]:
+    """The route a raw (percent-encoded) path belongs to, its decoded parameters and its handlers."""
     for name, pattern, handlers in _COMPILED_ROUTES:
         match = pattern.fullmatch(path)
         if match:
@@ -305,6 +313,58 @@ def _slice_range(range_header: str | None, content: bytes, headers: dict[str, st
         return 416, b""
     headers["Content-Range"] = f"bytes {start}-{end}/{size}"
     return 206, content[start : end + 1]
+
+
+class _PendingCommit:
+    """The file map of a commit being built from its NDJSON lines; `_Reject` on a line the Hub refuses."""
+
+    def __init__(self, repo: Repo, head: Commit):
+        self.repo, self.head = repo, head
+        self.files = dict(head.files)
+        self.changed: list[str] = []
+        self.deleted: list[str] = []
+
+    def apply(self, key: str, value: dict) -> None:
+        operations = {
+            "file": self._add_file,
+            "lfsFile": self._add_lfs_file,
+            "deletedFile": self._delete_file,
+            "deletedFolder": self._delete_folder,
+        }
+        if key == "header":
+            return
+        if key not in operations:
+            raise _Reject(_error(400, f"Unknown commit operation '{key}'"))
+        operations[key](value["path"].strip("/"), value)
+
+    def _add_file(self, path: str, value: dict) -> None:
+        """A regular file, inline: the Hub refuses binary or 10 MiB+ content there (it belongs in LFS)."""
+        content = base64.b64decode(value["content"]) if value.get("encoding") == "base64" else value["content"].encode()
+        if _must_use_lfs(len(content), content):
+            raise _Reject(_error(400, f"Your push was rejected: '{path}' is binary or over 10 MiB, use LFS"))
+        self.files[path] = Blob(content, lfs=False)
+        self.changed.append(path)
+
+    def _add_lfs_file(self, path: str, value: dict) -> None:
+        """An LFS file, by sha256: the object must have been uploaded to this repo beforehand."""
+        content = self.repo.lfs_objects.get(value["oid"])
+        if content is None or value.get("size", len(content)) != len(content):
+            raise _Reject(_error(400, f"LFS object {value['oid']} for '{path}' was never uploaded"))
+        self.files[path] = Blob(content, lfs=True)
+        self.changed.append(path)
+
+    def _delete_file(self, path: str, value: dict) -> None:
+        if self.files.pop(path, None) is None:
+            raise _entry_not_found(self.head, f"A file with this name doesn't exist: {path}")
+        self.deleted.append(path)
+
+    def _delete_folder(self, path: str, value: dict) -> None:
+        below = [name for name in self.files if name.startswith(path + "/")]
+        if not below:
+            raise _entry_not_found(self.head, f"A folder with this name doesn't exist: {path}")
+        for name in below:
+            del self.files[name]
+        self.deleted.extend(below)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -611,11 +671,11 @@ class HubState:
             return _error(400, "The commit payload has no header line")
         if header.get("parentCommit") not in (None, head.oid):
             return _error(412, "A commit has happened since. Please refresh and try again.")
-        files, changed, deleted = dict(head.files), [], []
+        pending = _PendingCommit(repo, head)
         for line in lines:
-            self._apply_operation(repo, head, files, line["key"], line["value"], changed, deleted)
-        commit = self._new_commit(head, files, header.get("summary", ""), header.get("description", ""),
-                                  tuple(changed), tuple(deleted))
+            pending.apply(line["key"], line["value"])
+        commit = self._new_commit(head, pending.files, header.get("summary", ""), header.get("description", ""),
+                                  tuple(pending.changed), tuple(pending.deleted))
         repo.commits[commit.oid] = commit
         pr_url = None
         if req.flag("create_pr"):
@@ -630,39 +690,6 @@ class HubState:
             "hookOutput": "",
             "pullRequestUrl": pr_url,
         })
-
-    @staticmethod
-    def _apply_operation(repo: Repo, head: Commit, files: dict[str, Blob], key: str, value: dict,
-                         changed: list[str], deleted: list[str]) -> None:
-        """Apply one NDJSON line of a commit to ``files``; raise `_Reject` if the Hub would refuse it."""
-        path = value.get("path", "").strip("/") if isinstance(value, dict) else ""
-        if key == "header":
-            return
-        if key == "file":
-            content = base64.b64decode(value["content"]) if value.get("encoding") == "base64" else value["content"].encode()
-            if _must_use_lfs(len(content), content):
-                raise _Reject(_error(400, f"Your push was rejected: '{path}' is binary or over 10 MiB, use LFS"))
-            files[path] = Blob(content, lfs=False)
-            changed.append(path)
-        elif key == "lfsFile":
-            content = repo.lfs_objects.get(value["oid"])
-            if content is None or value.get("size", len(content)) != len(content):
-                raise _Reject(_error(400, f"LFS object {value['oid']} for '{path}' was never uploaded"))
-            files[path] = Blob(content, lfs=True)
-            changed.append(path)
-        elif key == "deletedFile":
-            if files.pop(path, None) is None:
-                raise _entry_not_found(head, f"A file with this name doesn't exist: {path}")
-            deleted.append(path)
-        elif key == "deletedFolder":
-            below = [name for name in files if name.startswith(path + "/")]
-            if not below:
-                raise _entry_not_found(head, f"A folder with this name doesn't exist: {path}")
-            for name in below:
-                del files[name]
-            deleted.extend(below)
-        else:
-            raise _Reject(_error(400, f"Unknown commit operation '{key}'"))
 
     # --- download ---------------------------------------------------------------------------------
 
@@ -718,10 +745,15 @@ class _Fault:
     route: str
     status: int
     remaining: int
+    method: str | None
     path_contains: str | None
 
-    def applies_to(self, route: str | None, path: str) -> bool:
-        return route == self.route and (self.path_contains is None or self.path_contains in path)
+    def applies_to(self, route: str | None, method: str, path: str) -> bool:
+        return (
+            route == self.route
+            and self.method in (None, method)
+            and (self.path_contains is None or self.path_contains in path)
+        )
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -782,10 +814,6 @@ class HubServer:
             raise RuntimeError("HubServer has no port yet: call start() first")
         return f"http://{host}:{port}"
 
-    @property
-    def running(self) -> bool:
-        return self._httpd is not None
-
     def start(self) -> HubServer:
         if self._httpd is None:
             httpd = ThreadingHTTPServer(self._address, _Handler)
@@ -829,23 +857,27 @@ class HubServer:
 
     # --- fault injection --------------------------------------------------------------------------
 
-    def fail_next(self, route: str, *, status: int = 500, times: int = 1, path_contains: str | None = None) -> None:
+    def fail_next(self, route: str, *, status: int = 500, times: int = 1, method: str | None = None,
+                  path_contains: str | None = None) -> None:
         """Answer the next ``times`` requests of ``route`` with ``status``, without doing anything.
 
         ``route`` is one of `ROUTE_NAMES` ("commit", "preupload", "lfs_batch", "lfs_upload", "resolve",
-        ...); ``path_contains`` narrows it to request paths containing that text (e.g. a file name).
-        A failed "lfs_upload" receives the whole body and stores none of it, so no commit can use it.
-        Note that huggingface_hub retries 408/429/5xx answers of preupload, LFS batch/upload/verify and
-        tree listings with backoff (1 s, 2 s, ...): fail those with a 4xx status, or ``times`` > 5.
+        ...); ``method`` (e.g. "GET" to spare the HEAD of a download) and ``path_contains`` (e.g. a file
+        name) narrow it down. A failed "lfs_upload" receives the whole body and stores none of it.
+
+        huggingface_hub retries some failures with backoff (1 s, 2 s, 4 s, ...), which would absorb a
+        one-shot 5xx: 408/429/5xx of preupload, LFS batch/upload/verify and tree listings, and the HEAD
+        of a file that is not cached yet. Fail those with a 4xx status (or ``times`` > 5) to see an error.
+        Commits and download GETs are not retried on 5xx.
         """
         if route not in ROUTE_NAMES:
             raise ValueError(f"Unknown route {route!r}; expected one of {sorted(ROUTE_NAMES)}")
         with self._lock:
-            self._faults.append(_Fault(route, status, times, path_contains))
+            self._faults.append(_Fault(route, status, times, method, path_contains))
 
-    def _take_fault(self, route: str | None, path: str) -> _Fault | None:
+    def _take_fault(self, route: str | None, method: str, path: str) -> _Fault | None:
         for fault in self._faults:
-            if fault.applies_to(route, path):
+            if fault.applies_to(route, method, path):
                 fault.remaining -= 1
                 if fault.remaining <= 0:
                     self._faults.remove(fault)
@@ -860,7 +892,7 @@ class HubServer:
         route, params, handlers = _match_route(raw_path)
         request = Request(method, raw_path, parse_qs(urlsplit(target).query), headers, body, params)
         with self._lock:
-            fault = self._take_fault(route, unquote(raw_path))
+            fault = self._take_fault(route, method, unquote(raw_path))
             if fault is not None:
                 response = _error(fault.status, f"Injected failure of route '{route}'")
             elif route is None:
