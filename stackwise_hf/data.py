@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +52,7 @@ _BUILDER_BY_EXTENSION = {
 }
 _SAMPLE_BY = ("line", "paragraph", "document")
 
-DataFiles = Union[str, list[str], dict[str, Union[str, list[str]]]]
+DataFiles = str | list[str] | dict[str, str | list[str]]
 
 
 @dataclasses.dataclass
@@ -110,68 +110,70 @@ class DataArguments:
     >>> train_dataset, eval_dataset = build_datasets(data_args, tokenizer)
     >>> len(train_dataset), train_dataset[0]["input_ids"].shape
     (64, torch.Size([128]))
+
     ```
     """
 
-    dataset: Optional[str] = BUNDLED_DATASET
-    dataset_config: Optional[str] = None
-    data_files: Optional[DataFiles] = None
+    dataset: str | None = BUNDLED_DATASET
+    dataset_config: str | None = None
+    data_files: DataFiles | None = None
     text_column: str = "text"
     sample_by: str = "paragraph"
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     tokenizer_vocab_size: int = 4096
     block_size: int = 256
     validation_split_percentage: float = 5
-    max_train_blocks: Optional[int] = None
-    max_eval_blocks: Optional[int] = None
+    max_train_blocks: int | None = None
+    max_eval_blocks: int | None = None
     seed: int = 42
-    num_proc: Optional[int] = None
-    cache_dir: Optional[str] = None
+    num_proc: int | None = None
+    cache_dir: str | None = None
 
     def __post_init__(self):
-        if isinstance(self.cache_dir, os.PathLike):
-            self.cache_dir = os.fspath(self.cache_dir)
-        if isinstance(self.dataset, os.PathLike):
-            self.dataset = os.fspath(self.dataset)
-        _check_field("dataset", self.dataset, _is_optional_name(self.dataset), "a non-empty string or None")
-        _check_field("dataset_config", self.dataset_config, _is_optional_name(self.dataset_config), "a non-empty string or None")
-        _check_field(
-            "data_files",
-            self.data_files,
-            _is_data_files(self.data_files),
-            "None, a path, a list of paths, or a dict of split name to path(s)",
+        # Paths may come as `pathlib.Path`; `datasets` and the tokenizer cache want strings.
+        self.dataset, self.data_files, self.cache_dir = map(
+            _as_str_paths, (self.dataset, self.data_files, self.cache_dir)
         )
-        _check_field(
-            "dataset",
-            self.dataset,
-            self.dataset is not None or self.data_files is not None,
-            "a dataset name or path (it may be None only when data_files is given)",
-        )
-        if self.dataset == BUNDLED_DATASET:
-            _check_field("data_files", self.data_files, self.data_files is None, f"None with dataset={BUNDLED_DATASET!r}")
-            _check_field("dataset_config", self.dataset_config, self.dataset_config is None, f"None with dataset={BUNDLED_DATASET!r}")
-        _check_field("text_column", self.text_column, _is_optional_name(self.text_column) and self.text_column is not None, "a non-empty string")
-        _check_field("sample_by", self.sample_by, self.sample_by in _SAMPLE_BY, f"one of {list(_SAMPLE_BY)}")
-        _check_field("tokenizer", self.tokenizer, _is_optional_name(self.tokenizer), "a tokenizer name or path, or None to train a BPE")
-        _check_field(
-            "tokenizer_vocab_size",
-            self.tokenizer_vocab_size,
-            _is_int(self.tokenizer_vocab_size, minimum=MIN_BPE_VOCAB_SIZE),
-            f"an integer >= {MIN_BPE_VOCAB_SIZE} ({len(SPECIAL_TOKENS)} special tokens + 256 bytes)",
-        )
-        _check_field("block_size", self.block_size, _is_int(self.block_size, minimum=2), "an integer >= 2")
+        bundled = f"None with dataset={BUNDLED_DATASET!r}"
         pct = self.validation_split_percentage
-        _check_field(
-            "validation_split_percentage",
-            pct,
-            isinstance(pct, numbers.Real) and not isinstance(pct, bool) and 0 < pct < 100,
-            "a number strictly between 0 and 100",
-        )
-        for name in ("max_train_blocks", "max_eval_blocks", "num_proc"):
-            value = getattr(self, name)
-            _check_field(name, value, value is None or _is_int(value, minimum=1), "None or an integer >= 1")
-        _check_field("seed", self.seed, _is_int(self.seed, minimum=0), "an integer >= 0")
-        _check_field("cache_dir", self.cache_dir, _is_optional_name(self.cache_dir), "a folder path or None")
+        checks = [  # (field, valid, what is allowed); each test guards its own types, so all can run up front
+            ("dataset", _is_optional_name(self.dataset), "a non-empty string or None"),
+            (
+                "data_files",
+                _is_data_files(self.data_files),
+                "None, a path, a list of paths, or a dict of split to paths",
+            ),
+            (
+                "dataset",
+                self.dataset is not None or self.data_files is not None,
+                "a name or path (None needs data_files)",
+            ),
+            ("data_files", self.dataset != BUNDLED_DATASET or self.data_files is None, bundled),
+            ("dataset_config", _is_optional_name(self.dataset_config), "a non-empty string or None"),
+            ("dataset_config", self.dataset != BUNDLED_DATASET or self.dataset_config is None, bundled),
+            ("text_column", _is_name(self.text_column), "a non-empty string"),
+            ("sample_by", self.sample_by in _SAMPLE_BY, f"one of {list(_SAMPLE_BY)}"),
+            ("tokenizer", _is_optional_name(self.tokenizer), "a tokenizer name or path, or None to train a BPE"),
+            (
+                "tokenizer_vocab_size",
+                _is_int(self.tokenizer_vocab_size, minimum=MIN_BPE_VOCAB_SIZE),
+                f"an integer >= {MIN_BPE_VOCAB_SIZE} ({len(SPECIAL_TOKENS)} special tokens + 256 bytes)",
+            ),
+            ("block_size", _is_int(self.block_size, minimum=2), "an integer >= 2"),
+            (
+                "validation_split_percentage",
+                isinstance(pct, numbers.Real) and not isinstance(pct, bool) and 0 < pct < 100,
+                "a number strictly between 0 and 100",
+            ),
+            ("max_train_blocks", _is_optional_int(self.max_train_blocks, minimum=1), "None or an integer >= 1"),
+            ("max_eval_blocks", _is_optional_int(self.max_eval_blocks, minimum=1), "None or an integer >= 1"),
+            ("seed", _is_int(self.seed, minimum=0), "an integer >= 0"),
+            ("num_proc", _is_optional_int(self.num_proc, minimum=1), "None or an integer >= 1"),
+            ("cache_dir", _is_optional_name(self.cache_dir), "a folder path or None"),
+        ]
+        for name, valid, allowed in checks:
+            if not valid:
+                raise ValueError(f"DataArguments.{name}={getattr(self, name)!r} is invalid: expected {allowed}.")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "DataArguments":
@@ -190,29 +192,43 @@ class DataArguments:
         return cls(**values)
 
 
-def _check_field(name: str, value: Any, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"DataArguments.{name}={value!r} is invalid: expected {allowed}.")
-
-
 def _is_int(value: Any, minimum: int) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
 
 
+def _is_optional_int(value: Any, minimum: int) -> bool:
+    return value is None or _is_int(value, minimum)
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
 def _is_optional_name(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and value.strip() != "")
+    return value is None or _is_name(value)
 
 
 def _is_paths(value: Any) -> bool:
-    if isinstance(value, (str, os.PathLike)):
-        return True
-    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, (str, os.PathLike)) for v in value)
+    return _is_name(value) or (isinstance(value, list) and len(value) > 0 and all(map(_is_name, value)))
 
 
 def _is_data_files(value: Any) -> bool:
     if value is None or _is_paths(value):
         return True
-    return isinstance(value, Mapping) and len(value) > 0 and all(isinstance(k, str) and _is_paths(v) for k, v in value.items())
+    return (
+        isinstance(value, Mapping) and len(value) > 0 and all(_is_name(k) and _is_paths(v) for k, v in value.items())
+    )
+
+
+def _as_str_paths(value: Any) -> Any:
+    """`value` with every `os.PathLike` inside it (and tuples as lists) turned to strings; the rest as is."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        return [_as_str_paths(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _as_str_paths(v) for k, v in value.items()}
+    return value
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -236,6 +252,8 @@ def load_raw_datasets(data_args: DataArguments):
         ValueError: if the dataset has no `"train"` split, or a split lacks `data_args.text_column`
             (naming the column and the columns there are).
     """
+    import datasets
+
     raw = _load_dataset_dict(data_args)
     if "train" not in raw:
         raise ValueError(f"Dataset {_describe(data_args)} has no 'train' split; its splits are {list(raw)}.")
@@ -249,13 +267,15 @@ def load_raw_datasets(data_args: DataArguments):
         train, validation = raw["train"], raw["validation"]
     else:
         train, validation = _hold_out(raw["train"], data_args.validation_split_percentage, data_args.seed)
-    import datasets
-
     return datasets.DatasetDict({"train": train, "validation": validation})
 
 
 def _describe(data_args: DataArguments) -> str:
-    return repr(data_args.dataset) if data_args.data_files is None else f"{data_args.dataset!r} (data_files={data_args.data_files!r})"
+    return (
+        repr(data_args.dataset)
+        if data_args.data_files is None
+        else f"{data_args.dataset!r} (data_files={data_args.data_files!r})"
+    )
 
 
 def _load_dataset_dict(data_args: DataArguments):
@@ -279,27 +299,24 @@ def _load_dataset_dict(data_args: DataArguments):
     if path == "text" or (os.path.isdir(path) and _builder_for(_files_in(path), strict=False) == "text"):
         kwargs["sample_by"] = data_args.sample_by
     logger.info("Loading dataset %s", _describe(data_args))
-    loaded = datasets.load_dataset(
+    return datasets.load_dataset(
         path, data_args.dataset_config, data_files=data_files, cache_dir=data_args.cache_dir, **kwargs
     )
-    if isinstance(loaded, datasets.Dataset):  # a builder that returns one unnamed split
-        loaded = datasets.DatasetDict({"train": loaded})
-    return loaded
 
 
 def _paths_of(data_files: DataFiles) -> list[str]:
     if isinstance(data_files, Mapping):
         return [p for files in data_files.values() for p in _paths_of(files)]
-    if isinstance(data_files, (str, os.PathLike)):
-        return [os.fspath(data_files)]
-    return [os.fspath(p) for p in data_files]
+    return [data_files] if isinstance(data_files, str) else list(data_files)
 
 
 def _files_in(folder: str) -> list[str]:
-    return [str(p) for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith(".")]
+    # Hidden entries (.git, .cache) are not data, as `datasets` itself treats them.
+    files = (p for p in Path(folder).rglob("*") if p.is_file())
+    return [str(p) for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
 
 
-def _builder_for(paths: list[str], strict: bool = True) -> Optional[str]:
+def _builder_for(paths: list[str], strict: bool = True) -> str | None:
     """The `datasets` builder ("text", "json", ...) that reads all of `paths`, judged by their extensions."""
     builders = {_BUILDER_BY_EXTENSION.get(Path(p).suffix.lower()) for p in paths}
     if len(builders) == 1 and None not in builders:
@@ -381,7 +398,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096):
     )
 
 
-def load_or_train_tokenizer(data_args: DataArguments, output_dir: Optional[Union[str, os.PathLike]] = None):
+def load_or_train_tokenizer(data_args: DataArguments, output_dir: str | os.PathLike | None = None):
     """Loads `data_args.tokenizer`, or trains (once; then loads from cache) a byte-level BPE on the train split.
 
     The trained tokenizer is cached under `<cache_dir>/stackwise_hf/tokenizers/`, keyed by the vocabulary
@@ -409,7 +426,7 @@ def load_or_train_tokenizer(data_args: DataArguments, output_dir: Optional[Union
     return tokenizer
 
 
-def _tokenizer_cache_root(cache_dir: Optional[str]) -> Path:
+def _tokenizer_cache_root(cache_dir: str | None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir, "stackwise_hf", "tokenizers")
     from huggingface_hub import constants
@@ -417,7 +434,7 @@ def _tokenizer_cache_root(cache_dir: Optional[str]) -> Path:
     return Path(constants.HF_HOME, "stackwise_hf", "tokenizers")
 
 
-def _cached_bpe_tokenizer(texts, vocab_size: int, cache_dir: Optional[str]):
+def _cached_bpe_tokenizer(texts, vocab_size: int, cache_dir: str | None):
     """`train_bpe_tokenizer(texts(), vocab_size)`, cached on disk; `texts` makes a fresh iterator per pass."""
     from transformers import PreTrainedTokenizerFast
 
@@ -515,7 +532,7 @@ def _tokenize_and_pack(documents, tokenizer, separator_id: int, data_args: DataA
     block_size = data_args.block_size
     # With a block limit, tokenize a growing prefix of the documents until it fills the blocks: packing is
     # prefix-stable, so these are the first blocks of the full packing, at a fraction of the cost.
-    n_documents = len(documents) if max_blocks is None else min(len(documents), 64)
+    n_documents = len(documents) if max_blocks is None else min(len(documents), 16)
     while True:
         tokens = _tokenize(documents.select(range(n_documents)), tokenizer, separator_id, data_args)
         if n_documents == len(documents) or len(tokens) >= max_blocks * block_size:
@@ -534,14 +551,20 @@ def _tokenize_and_pack(documents, tokenizer, separator_id: int, data_args: DataA
         n_blocks = min(n_blocks, max_blocks)
     logger.info(
         "%s: %d of %d documents tokenized, %d tokens -> %d blocks of %d",
-        split, n_documents, len(documents), len(tokens), n_blocks, block_size,
+        split,
+        n_documents,
+        len(documents),
+        len(tokens),
+        n_blocks,
+        block_size,
     )
     return _pack(tokens[: n_blocks * block_size], block_size)
 
 
 def _tokenize_batch(batch, tokenizer, text_column: str, separator_id: int):
     texts = [text for text in batch[text_column] if text and not text.isspace()]
-    ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    # verbose=False: documents longer than the tokenizer's model_max_length are expected (packing cuts them).
+    ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     return {"input_ids": [doc + [separator_id] for doc in ids]}
 
 

