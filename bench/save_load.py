@@ -1,0 +1,81 @@
+"""Save and load time and bytes written: a rack vs an equally sized `LlamaForCausalLM`, in one run.
+
+Both models have the same weights (the rack is `from_llama` of the Llama); the Llama is saved and
+loaded with plain transformers, the rack with its per-stack sharding. Prints absolute figures and
+rack/Llama ratios (target: within 10%). Each measurement is the median of `--repeats` runs.
+
+    python bench/save_load.py --hidden 512 --layers 8 --stacks 4 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from stackwise_hf import StackWiseForCausalLM
+from stackwise_hf.llama_interop import from_llama
+
+
+def directory_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+
+
+def time_save_load(model, model_cls, max_shard_size: str, repeats: int) -> dict:
+    saves, loads, size = [], [], 0
+    for _ in range(repeats):
+        directory = tempfile.mkdtemp(prefix="bench-save-")
+        start = time.perf_counter()
+        model.save_pretrained(directory, max_shard_size=max_shard_size)
+        saves.append(time.perf_counter() - start)
+        size = directory_bytes(directory)
+        start = time.perf_counter()
+        model_cls.from_pretrained(directory)
+        loads.append(time.perf_counter() - start)
+        shutil.rmtree(directory)
+    return {"save_s": statistics.median(saves), "load_s": statistics.median(loads), "bytes": size}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--stacks", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3) // 64 * 64,
+            num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 128,
+        )
+    )
+    per_stack = args.layers // args.stacks
+    rack = from_llama(llama, stack_sizes=[per_stack] * args.stacks)
+    params = sum(p.numel() for p in llama.parameters())
+    print(f"{params / 1e6:.1f}M parameters, {args.layers} layers, rack of {args.stacks} stacks, repeats={args.repeats}")
+
+    # Warm-up so that first-call costs (imports, allocator) fall on neither side.
+    time_save_load(llama, LlamaForCausalLM, args.max_shard_size, 1)
+    results = {
+        "llama": time_save_load(llama, LlamaForCausalLM, args.max_shard_size, args.repeats),
+        "rack": time_save_load(rack, StackWiseForCausalLM, args.max_shard_size, args.repeats),
+    }
+    print(f"{'':8}{'save s':>10}{'load s':>10}{'bytes':>14}")
+    for name, r in results.items():
+        print(f"{name:8}{r['save_s']:>10.3f}{r['load_s']:>10.3f}{r['bytes']:>14,}")
+    ratio = {k: results["rack"][k] / results["llama"][k] for k in ("save_s", "load_s", "bytes")}
+    print(f"{'ratio':8}{ratio['save_s']:>10.3f}{ratio['load_s']:>10.3f}{ratio['bytes']:>14.4f}   (rack / llama)")
+
+
+if __name__ == "__main__":
+    main()
