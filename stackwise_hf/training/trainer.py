@@ -166,7 +166,7 @@ class ProgressiveTrainer:
                 self._after_optimizer_step(run, window)
                 if self.state.stage_step >= run.total_steps:
                     break
-            else:
+            if self.state.epoch_batches >= len(run.train_loader):  # the epoch was consumed whole
                 self.state.epoch += 1
                 self.state.epoch_batches = 0
         bar.close()
@@ -327,13 +327,14 @@ class ProgressiveTrainer:
                 "mask_token_id": self.rack.config.mask_token_id, "vocab_size": self.rack.config.vocab_size}
 
     def _total_steps(self, config: StageConfig, batches_per_epoch: int) -> int:
+        if batches_per_epoch < self.args.gradient_accumulation_steps:
+            raise ValueError(
+                f"the training split has {len(self.train_dataset)} blocks: fewer than one optimizer step of "
+                f"{self.args.gradient_accumulation_steps} batch(es) of {self.args.per_device_train_batch_size} "
+                f"on each of {self.accelerator.num_processes} process(es)."
+            )
         if config.max_steps is not None:
             return config.max_steps
-        if batches_per_epoch == 0:
-            raise ValueError(
-                f"the training split has {len(self.train_dataset)} blocks, fewer than one batch of "
-                f"{self.args.per_device_train_batch_size} per process."
-            )
         return max(1, math.ceil(config.num_epochs * batches_per_epoch / self.args.gradient_accumulation_steps))
 
     def _merge_stage_adapters(self, stage: ResolvedStage) -> None:

@@ -1,0 +1,137 @@
+"""The `stackwise` command line: train, info, generate (more subcommands register in `COMMANDS`).
+
+    stackwise train --config configs/default.yaml [--set training.max_steps=5 ...]
+    stackwise info outputs/default/final
+    stackwise generate outputs/default/final --prompt "ROMEO:" --max-new-tokens 40
+
+`accelerate launch -m stackwise_hf.cli train --config ...` runs the same trainer on several processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+logger = logging.getLogger("stackwise_hf")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import ExperimentConfig, ProgressiveTrainer
+
+    overrides = list(args.set or [])
+    if args.resume_from_checkpoint:
+        overrides.append(f"training.resume_from_checkpoint={args.resume_from_checkpoint}")
+    if args.output_dir:
+        overrides.append(f"training.output_dir={args.output_dir}")
+    experiment = ExperimentConfig.from_yaml(args.config, overrides=overrides)
+    trainer = ProgressiveTrainer(experiment)
+    result = trainer.train()
+    if trainer.accelerator.is_main_process:
+        print(_stage_table(result["stages"]))
+        print(f"final rack: {result['output_dir']}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    rack = load_rack_for_cli(args.path, args.revision)
+    info = rack.get_rack_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['architecture']}: {info['num_stacks']} stacks, {info['total_blocks']} blocks, "
+          f"{info['total_parameters']:,} parameters, hidden {info['hidden_size']}, vocab {info['vocab_size']}, "
+          f"{info['attention_mode']} attention")
+    print(f"{'stack':>5} {'blocks':>6} {'parameters':>12} {'dtype':>9} {'adapters'}")
+    for s in info["stack_info"]:
+        print(f"{s['stack_idx']:>5} {s['n_blocks']:>6} {s['parameters']:>12,} {s['dtype']:>9} {', '.join(s['adapters']) or '-'}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    rack = load_rack_for_cli(args.path, args.revision)
+    tokenizer = AutoTokenizer.from_pretrained(args.path, revision=args.revision)
+    torch.manual_seed(args.seed)
+    if rack.config.attention_mode == "bidirectional":
+        from .sampling import diffusion_generate
+
+        ids = tokenizer(args.prompt, return_tensors="pt").input_ids if args.prompt else None
+        out = diffusion_generate(rack, prefix_ids=ids, length=args.max_new_tokens, steps=args.diffusion_steps,
+                                 seed=args.seed)
+    else:
+        inputs = tokenizer(args.prompt or tokenizer.bos_token, return_tensors="pt")
+        out = rack.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                            temperature=args.temperature or None, top_k=args.top_k,
+                            pad_token_id=tokenizer.pad_token_id)
+    print(tokenizer.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def load_rack_for_cli(path: str, revision: str | None = None):
+    """Loads the rack class its config names (causal or masked), with its adapters."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    import stackwise_hf  # noqa: F401  (registers the Auto classes)
+
+    config = AutoConfig.from_pretrained(path, revision=revision)
+    auto = AutoModelForMaskedLM if config.attention_mode == "bidirectional" else AutoModelForCausalLM
+    return auto.from_pretrained(path, revision=revision).eval()
+
+
+def _stage_table(stages: list[dict]) -> str:
+    lines = [f"{'stage':<12}{'stacks':<14}{'steps':>6}{'first':>9}{'final':>9}{'eval':>9}{'ppl':>9}{'sec':>8}"]
+    for s in stages:
+        lines.append(
+            f"{s['name']:<12}{str(s['stack_sizes']):<14}{s['steps']:>6}{_f(s['first_loss'])}{_f(s['final_loss'])}"
+            f"{_f(s['eval_loss'])}{_f(s['perplexity'], 1)}{s['seconds']:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def _f(value, digits: int = 3) -> str:
+    return f"{value:>9.{digits}f}" if isinstance(value, (int, float)) else f"{'-':>9}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stackwise", description="Progressive, stack-wise training of racks.")
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a rack progressively from an experiment YAML")
+    train.add_argument("--config", required=True, help="experiment YAML (sections model/data/training/stages)")
+    train.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config field")
+    train.add_argument("--output-dir", help="override training.output_dir")
+    train.add_argument("--resume-from-checkpoint", help='a checkpoint directory, "latest", or a Hub repo id')
+    train.set_defaults(func=cmd_train)
+
+    info = sub.add_parser("info", help="print a rack's stacks, dtypes, adapters and parameters")
+    info.add_argument("path", help="rack directory or Hub repo id")
+    info.add_argument("--revision")
+    info.add_argument("--json", action="store_true", help="print get_rack_info() as JSON")
+    info.set_defaults(func=cmd_info)
+
+    gen = sub.add_parser("generate", help="generate text from a saved rack")
+    gen.add_argument("path", help="rack directory or Hub repo id (with its tokenizer)")
+    gen.add_argument("--prompt", default="")
+    gen.add_argument("--max-new-tokens", type=int, default=60)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--diffusion-steps", type=int, default=16, help="unmasking steps for a masked-diffusion rack")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--revision")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
