@@ -62,3 +62,12 @@ def test_all_positions_ignored_gives_zero_loss():
     loss, count = chunked_linear_cross_entropy(hidden, torch.randn(12, 8), torch.full((4,), -100), chunk_size=2)
     loss.backward()
     assert count.item() == 0 and loss.item() == 0 and torch.count_nonzero(hidden.grad) == 0
+
+
+def test_no_grad_evaluation_gives_the_same_loss():
+    hidden = torch.randn(10, 8, requires_grad=True)
+    weight = torch.randn(30, 8, requires_grad=True)
+    labels = torch.randint(0, 30, (10,))
+    with torch.no_grad():
+        loss, _ = chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=4)
+    torch.testing.assert_close(loss, _reference(hidden.detach(), weight.detach(), labels), rtol=1e-5, atol=1e-6)

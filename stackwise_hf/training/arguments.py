@@ -46,6 +46,9 @@ class TrainingArguments:
         trunk_cache_dir (`str`, *optional*): where "cache" trunk mode stores activations on disk;
             null keeps them in host memory.
         trunk_cache_budget (`str`): largest activation cache allowed, e.g. "2GB".
+        loss_chunk_size (`int`, *optional*): positions per chunk of the fused head + cross-entropy, so
+            the (positions x vocabulary) logits never exist in full; null computes them at once.
+        compile_blocks (`bool`): `torch.compile` each block of the trained stacks.
         plot (`bool`): draw `loss.png` (train and eval loss per step, stage boundaries marked).
         project_name (`str`): tracker project name.
 
@@ -80,6 +83,8 @@ class TrainingArguments:
     dataloader_num_workers: int = 0
     trunk_cache_dir: str | None = None
     trunk_cache_budget: str = "2GB"
+    loss_chunk_size: int | None = 4096
+    compile_blocks: bool = False
     plot: bool = True
     project_name: str = "stackwise"
 
@@ -88,7 +93,8 @@ class TrainingArguments:
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps"):
             check_positive(name, getattr(self, name))
-        for name in ("eval_steps", "max_eval_batches", "save_interval", "save_total_limit", "max_stacks"):
+        for name in ("eval_steps", "max_eval_batches", "save_interval", "save_total_limit", "max_stacks",
+                     "loss_chunk_size"):
             check_positive(name, getattr(self, name), optional=True)
         check_positive("max_grad_norm", self.max_grad_norm, optional=True, number=float)
         if isinstance(self.dataloader_num_workers, bool) or not isinstance(self.dataloader_num_workers, int) \

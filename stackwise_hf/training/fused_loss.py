@@ -17,12 +17,14 @@ import torch
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, scale, chunk_size: int, compute_dtype):
+    def forward(ctx, hidden, weight, labels, scale, chunk_size: int, compute_dtype, grad_mode: bool):
         # hidden: (N, H), weight: (V, H), labels: (N,) with -100 = ignore, scale: (N,) per-position factor.
+        # `grad_mode` is the caller's: needs_input_grad stays True under torch.no_grad(), and grad mode
+        # is always off inside forward, so evaluation would otherwise pay two gradient matmuls per chunk.
         n = hidden.shape[0]
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_hidden = torch.empty_like(hidden) if grad_mode and ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
+            if grad_mode and ctx.needs_input_grad[1] else None
         w = weight.to(compute_dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_size):
@@ -53,7 +55,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         dh = grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None
         dw = (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
 def chunked_linear_cross_entropy(
@@ -87,5 +89,7 @@ def chunked_linear_cross_entropy(
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     count = valid.sum()
     with torch.autocast(device_type, enabled=False):
-        total = _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, scale, chunk_size, compute_dtype)
+        total = _ChunkedLinearCrossEntropy.apply(
+            hidden, weight, labels, scale, chunk_size, compute_dtype, torch.is_grad_enabled()
+        )
     return total / count.clamp(min=1), count
