@@ -33,6 +33,10 @@ class CausalLMObjective:
                 evaluation: bool = False) -> ObjectiveBatch:
         return ObjectiveBatch(input_ids=input_ids, labels=input_ids)
 
+    def trunk_input_key(self, stage_index: int) -> str:
+        """What the trunk's input depends on besides the data (the trunk cache's fingerprint): nothing."""
+        return self.name
+
     def loss(self, hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, weights=None):
         # hidden: (B, T, H) -> predict token t+1 from position t.
         return token_cross_entropy(hidden[:, :-1], head, labels[:, 1:], weights)
@@ -57,6 +61,8 @@ OBJECTIVES = {"clm": CausalLMObjective}
 
 def build_objective(name: str, **kwargs):
     """The objective called `name` ("clm"; the masked objectives are added by `masking.py`)."""
+    if name not in OBJECTIVES:
+        from . import masking  # noqa: F401  (registers "mlm", "masked_diffusion", "depth_as_time")
     if name not in OBJECTIVES:
         raise ValueError(f"objective {name!r} is not available; known objectives are {sorted(OBJECTIVES)}.")
     return OBJECTIVES[name](**kwargs)

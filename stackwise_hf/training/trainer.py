@@ -9,6 +9,7 @@ only module of the library that imports Accelerate.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -90,6 +91,7 @@ class ProgressiveTrainer:
         self.state = TrainerState()
         self.run_log = RunLog(self.accelerator, self.args.output_dir)
         self.schedule: list[ResolvedStage] = []
+        self.trunk_cache = None  # a `TrunkCache`, from the first stage with `trunk_mode: cache` on
 
     # The algorithm ----------------------------------------------------------------------------------
 
@@ -128,6 +130,8 @@ class ProgressiveTrainer:
         objective = build_objective(config.objective, **self._objective_kwargs(stage))
         module = StageModule(self.rack, objective, first_trained_stack(self.rack, config.trains("embeddings")),
                              train_embeddings=config.trains("embeddings"))
+        if config.trunk_mode == "cache":
+            self._sync_trunk_cache(stage, module, objective)
         optimizer = torch.optim.AdamW(optimizer_groups(self.rack, config.weight_decay), lr=config.learning_rate,
                                       **_fused_if_cuda(self.accelerator.device))
         sampler = EpochSampler(len(self.train_dataset), seed=self.args.seed * 1000 + stage.index)
@@ -136,6 +140,7 @@ class ProgressiveTrainer:
             drop_last=True, num_workers=self.args.dataloader_num_workers,
         )
         module, optimizer, loader = self.accelerator.prepare(module, optimizer, loader)
+        self._offload_trunk(stage)
         total_steps = self._total_steps(config, len(loader))
         # Not prepared: Accelerate's scheduler wrapper steps once per process; ours counts optimizer steps.
         scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
@@ -173,6 +178,7 @@ class ProgressiveTrainer:
 
     def exit_stage(self, run: StageRun) -> None:
         metrics = self.evaluate(run)
+        self._restore_trunk()
         if run.stage.config.merge_adapters:
             self._merge_stage_adapters(run.stage)
         summary = {
@@ -219,7 +225,8 @@ class ProgressiveTrainer:
         prepared = run.objective.prepare(batch["input_ids"], run.stage.index, batch["sample_id"])
         with self.accelerator.accumulate(run.module):
             with self.accelerator.autocast():
-                loss, _ = run.module(prepared.input_ids, prepared.labels, prepared.weights)
+                loss, _ = run.module(prepared.input_ids, prepared.labels, prepared.weights,
+                                     trunk_hidden=self._trunk_hidden(run, "train", batch["sample_id"]))
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients and self.args.max_grad_norm:
                 self.accelerator.clip_grad_norm_(
@@ -263,7 +270,8 @@ class ProgressiveTrainer:
             prepared = run.objective.prepare(batch["input_ids"].to(device), run.stage.index,
                                              batch["sample_id"].to(device), evaluation=True)
             with self.accelerator.autocast():
-                loss, n = module(prepared.input_ids, prepared.labels, prepared.weights)
+                loss, n = module(prepared.input_ids, prepared.labels, prepared.weights,
+                                 trunk_hidden=self._trunk_hidden(run, "eval", batch["sample_id"]))
             total += loss.double() * n
             count += n
         module.train()
@@ -286,6 +294,45 @@ class ProgressiveTrainer:
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         mine = [i for b in range(rank, n_batches, world) for i in range(b * batch, min((b + 1) * batch, len(blocks)))]
         return DataLoader(blocks, batch_size=batch, sampler=mine)
+
+    # Trunk cache (`trunk_mode: cache`) -------------------------------------------------------------
+
+    def _sync_trunk_cache(self, stage: ResolvedStage, module: StageModule, objective) -> None:
+        """Builds, extends or reuses the frozen trunk's output over the train and eval blocks."""
+        from .trunk_cache import TrunkCache
+
+        if self.trunk_cache is None:
+            self.trunk_cache = TrunkCache(self.args.trunk_cache_budget, self.args.trunk_cache_dir,
+                                          batch_size=self.args.per_device_eval_batch_size)
+        eval_rows = len(self.eval_dataset)
+        if self.args.max_eval_batches:
+            eval_rows = min(eval_rows, self.args.max_eval_batches * self.args.per_device_eval_batch_size)
+        # On disk the main process builds; the others then find the finished cache by its fingerprint.
+        first = self.accelerator.main_process_first() if self.args.trunk_cache_dir else contextlib.nullcontext()
+        with first:
+            report = self.trunk_cache.sync(
+                module, objective, stage.index, {"train": self.train_dataset, "eval": self.eval_dataset},
+                rows={"eval": eval_rows}, tokenizer=self.tokenizer, device=self.accelerator.device,
+                autocast=self.accelerator.autocast, precision=self.args.mixed_precision,
+            )
+        self.run_log.record("trunk_cache", self.state.global_step, stage=stage.index, **report.as_dict())
+
+    def _trunk_hidden(self, run: StageRun, split: str, sample_ids) -> torch.Tensor | None:
+        if run.stage.config.trunk_mode != "cache" or not self.trunk_cache.active:
+            return None
+        return self.trunk_cache.hidden(split, sample_ids, self.accelerator.device)
+
+    def _offload_trunk(self, stage: ResolvedStage) -> None:
+        # After `prepare` (which places the whole module on the device). Several processes keep the trunk
+        # where it is: DDP and FSDP expect every parameter of the wrapped module on the process's device.
+        device = torch.device(self.accelerator.device)
+        if (stage.config.trunk_mode == "cache" and self.trunk_cache.active and device.type != "cpu"
+                and self.accelerator.num_processes == 1):
+            self.trunk_cache.offload_trunk(self.rack, self.trunk_cache.depth, "cpu")
+
+    def _restore_trunk(self) -> None:
+        if self.trunk_cache is not None and self.trunk_cache.offloaded:
+            self.trunk_cache.restore_trunk(self.rack, self.accelerator.device)
 
     # Setup helpers ---------------------------------------------------------------------------------
 
@@ -319,11 +366,17 @@ class ProgressiveTrainer:
                     f"stage {stage.name}: objective {stage.config.objective!r} needs a {wanted} rack; this rack's "
                     f"attention_mode is {mode!r}."
                 )
+        if any(stage.config.objective != "clm" for stage in self.schedule):
+            from .masking import ObjectiveConfig, stage_mask_ratios
+
+            # A bad `objective:` field or a depth schedule that does not fit the rack fails before training.
+            stage_mask_ratios(self.schedule, ObjectiveConfig.from_dict(self.experiment.objective, "objective"))
 
     def _objective_kwargs(self, stage: ResolvedStage) -> dict:
         if stage.config.objective == "clm":
             return {}
         return {"config": self.experiment.objective, "stage": stage, "num_stages": len(self.schedule),
+                "schedule": self.schedule,
                 "mask_token_id": self.rack.config.mask_token_id, "vocab_size": self.rack.config.vocab_size}
 
     def _total_steps(self, config: StageConfig, batches_per_epoch: int) -> int:
