@@ -57,11 +57,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.path, revision=args.revision)
     torch.manual_seed(args.seed)
     if rack.config.attention_mode == "bidirectional":
-        from .sampling import diffusion_generate
+        from .sampling import depth_unroll_generate, diffusion_generate
 
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids if args.prompt else None
-        out = diffusion_generate(rack, prefix_ids=ids, length=args.max_new_tokens, steps=args.diffusion_steps,
-                                 seed=args.seed)
+        if args.sampler == "unroll":
+            out = depth_unroll_generate(rack, prefix_ids=ids, length=args.max_new_tokens,
+                                        temperature=args.temperature, seed=args.seed)
+        else:
+            out = diffusion_generate(rack, prefix_ids=ids, length=args.max_new_tokens, steps=args.diffusion_steps,
+                                     temperature=args.temperature, seed=args.seed)
     else:
         inputs = tokenizer(args.prompt or tokenizer.bos_token, return_tensors="pt")
         out = rack.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
@@ -121,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
     gen.add_argument("--top-k", type=int, default=50)
     gen.add_argument("--diffusion-steps", type=int, default=16, help="unmasking steps for a masked-diffusion rack")
+    gen.add_argument("--sampler", choices=["steps", "unroll"], default="steps",
+                     help="masked-diffusion racks: unmask over --diffusion-steps passes, or the one-pass "
+                          "depth-as-time unroll (one stack per noise level)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--revision")
     gen.set_defaults(func=cmd_generate)
