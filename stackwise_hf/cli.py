@@ -1,4 +1,4 @@
-"""The `stackwise` command line: train, info, generate (more subcommands register in `COMMANDS`).
+"""The `stackwise` command line: train, info, generate, plan (more subcommands register in `COMMANDS`).
 
     stackwise train --config configs/default.yaml [--set training.max_steps=5 ...]
     stackwise info outputs/default/final
@@ -75,6 +75,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .planner import format_plan, plan_experiment
+    from .training import ExperimentConfig
+
+    experiment = ExperimentConfig.from_yaml(args.config, overrides=list(args.set or []))
+    overrides = {"micro_batch": args.micro_batch} if args.micro_batch else {}
+    plan = plan_experiment(experiment, gpu_memory=args.gpu_memory, host_memory=args.host_memory,
+                           reserve=args.reserve, device_type=args.device_type, **overrides)
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else format_plan(plan))
+    return 0 if plan.fits is not False else 1
+
+
 def load_rack_for_cli(path: str, revision: str | None = None):
     """Loads the rack class its config names (causal or masked), with its adapters."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
@@ -131,6 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--revision")
     gen.set_defaults(func=cmd_generate)
+
+    plan = sub.add_parser("plan", help="predict each stage's peak device memory; say which stages fit")
+    plan.add_argument("--config", required=True, help="experiment YAML")
+    plan.add_argument("--gpu-memory", help='device memory, e.g. "141GB" or "80GiB"')
+    plan.add_argument("--host-memory", help="host memory, checked against an offloaded trunk")
+    plan.add_argument("--reserve", type=float, default=0.05, help="fraction of device memory kept free (default 0.05)")
+    plan.add_argument("--micro-batch", type=int, help="override per_device_train_batch_size")
+    plan.add_argument("--device-type", default="cuda", choices=["cuda", "cpu"])
+    plan.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config field")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=cmd_plan)
     return parser
 
 
