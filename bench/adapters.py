@@ -83,7 +83,8 @@ def run_child(args) -> dict:
     rack = build(args, args.child).train()
     params = [p for p in rack.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1)).to(args.device)
+    batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    batch = batch.to(args.device)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -140,7 +141,8 @@ def print_table(args, results: list[dict]) -> None:
     print(
         f"rack: {args.stacks} stacks x {args.blocks} blocks, hidden {args.hidden}, ffn {args.intermediate}, "
         f"vocab {args.vocab}; batch {args.batch}x{args.seq}; trunk {args.dtype}; LoRA r={args.r}; "
-        f"{results[0]['device']}, {results[0]['threads']} thread(s); mean of {args.steps} steps after {args.warmup} warm-up"
+        f"{results[0]['device']}, {results[0]['threads']} thread(s); "
+        f"mean of {args.steps} steps after {args.warmup} warm-up"
     )
     header = ("variant", "trainable params", memory, "training MiB", "step s", "loss first->last")
     rows = [header]

@@ -156,7 +156,8 @@ class AdapterSettings:
             raise ValueError(f"`strategy` must be one of {list(STRATEGIES)}; got {self.strategy!r}.")
         if (self.strategy == "list") != (self.r_list is not None):
             raise ValueError(
-                f"`r_list` is given exactly when `strategy` is 'list'; got strategy={self.strategy!r}, r_list={self.r_list!r}."
+                f"`r_list` is given exactly when `strategy` is 'list'; "
+                f"got strategy={self.strategy!r}, r_list={self.r_list!r}."
             )
         if self.r_list is not None:
             self.r_list = [_check_positive_int("r_list", r) for r in self.r_list]
@@ -168,7 +169,9 @@ class AdapterSettings:
         if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
             raise ValueError(f"`lora_dropout` must be in [0, 1); got {self.lora_dropout!r}.")
         if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights in INIT_LORA_WEIGHTS):
-            raise ValueError(f"`init_lora_weights` must be one of {list(INIT_LORA_WEIGHTS)}; got {self.init_lora_weights!r}.")
+            raise ValueError(
+                f"`init_lora_weights` must be one of {list(INIT_LORA_WEIGHTS)}; got {self.init_lora_weights!r}."
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterSettings:
@@ -192,7 +195,9 @@ class AdapterSettings:
         """
         if self.strategy == "list":
             if stack_idx >= len(self.r_list):
-                raise ValueError(f"`r_list` has {len(self.r_list)} entries; stack {stack_idx} needs one: {self.r_list!r}.")
+                raise ValueError(
+                    f"`r_list` has {len(self.r_list)} entries; stack {stack_idx} needs one: {self.r_list!r}."
+                )
             r = self.r_list[stack_idx]
             if self.alpha_list is not None:
                 return r, _tidy(self.alpha_list[stack_idx])
@@ -336,7 +341,9 @@ def add_stack_adapter(rack, stack_idx: int, settings: AdapterSettings | dict | N
     return name
 
 
-def add_trunk_adapter(rack, stack_indices: Iterable[int], settings: AdapterSettings | dict | None = None, **overrides) -> str:
+def add_trunk_adapter(
+    rack, stack_indices: Iterable[int], settings: AdapterSettings | dict | None = None, **overrides
+) -> str:
     """Adds the `trunk` LoRA adapter spanning `stack_indices` (typically the frozen stacks); returns "trunk".
 
     It shares modules with the stacks' own adapters where they overlap (peft keeps both in one
@@ -364,7 +371,8 @@ def add_trunk_adapter(rack, stack_indices: Iterable[int], settings: AdapterSetti
 def _check_new_name(rack, name: str) -> None:
     if name in _peft_config(rack):
         raise ValueError(
-            f"The rack already has an adapter named {name!r} (adapters: {adapter_names(rack)}); merge or remove it first."
+            f"The rack already has an adapter named {name!r} (adapters: {adapter_names(rack)}); "
+            "merge or remove it first."
         )
 
 
@@ -387,7 +395,9 @@ def _inject(rack, name: str, config: LoraConfig, weights: dict[str, torch.Tensor
     if weights is not None:
         result = set_peft_model_state_dict(rack, weights, adapter_name=name)
         if result.unexpected_keys:
-            raise ShapeMismatchError(f"adapter {name!r}: tensors that fit no adapted module: {result.unexpected_keys[:5]}.")
+            raise ShapeMismatchError(
+                f"adapter {name!r}: tensors that fit no adapted module: {result.unexpected_keys[:5]}."
+            )
 
 
 @contextlib.contextmanager
@@ -710,7 +720,8 @@ def _rename(rack, old: str, new: str) -> None:
             f"adapter {old!r} sits in stack(s) {described['stacks']}, not where {new!r} belongs: "
             "shift_adapter_stacks runs after the stacks have moved."
         )
-    weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(rack, adapter_name=old, save_embedding_layers=False).items()}
+    weights = get_peft_model_state_dict(rack, adapter_name=old, save_embedding_layers=False)
+    weights = {k: v.detach().clone() for k, v in weights.items()}
     config = _retargeted(rack.peft_config[old], described)
     with _expected_peft_warnings():
         delete_adapter(rack, old, prefix="lora_")
@@ -842,7 +853,9 @@ def load_adapters(
             remove_all_adapters(rack)
             rack._merged_adapters = []
             return []
-        raise FileNotFoundError(f"{path}: no adapter manifest ({MANIFEST_PATH}); nothing was saved with `save_adapters`.")
+        raise FileNotFoundError(
+            f"{path}: no adapter manifest ({MANIFEST_PATH}); nothing was saved with `save_adapters`."
+        )
     manifest_file = resolve(MANIFEST_PATH)
     manifest = _parse_manifest(manifest_file)
     entries = _select(manifest, names, manifest_file)
@@ -881,9 +894,13 @@ def _parse_manifest(manifest_file: str) -> dict:
         raise CorruptFileError(f"{manifest_file}: not a valid adapter manifest ({err!r}).") from err
     for entry in entries:
         if not isinstance(entry, dict) or any(key not in entry for key in _MANIFEST_KEYS):
-            raise CorruptFileError(f"{manifest_file}: every adapter entry needs keys {list(_MANIFEST_KEYS)}; got {entry!r}.")
+            raise CorruptFileError(
+                f"{manifest_file}: every adapter entry needs keys {list(_MANIFEST_KEYS)}; got {entry!r}."
+            )
     if version != FORMAT_VERSION:
-        raise ValueError(f"{manifest_file}: format_version {version!r} is not supported (this library reads {FORMAT_VERSION}).")
+        raise ValueError(
+            f"{manifest_file}: format_version {version!r} is not supported (this library reads {FORMAT_VERSION})."
+        )
     return manifest
 
 
@@ -896,7 +913,9 @@ def _select(manifest: dict, names, manifest_file: str) -> list[dict]:
     if missing:
         merged = sorted({e["name"] for e in manifest["adapters"] if e["merged"]} & set(missing))
         note = f" ({merged} were merged into the base weights)" if merged else ""
-        raise ValueError(f"{manifest_file}: no adapter(s) {missing} to load{note}; it lists {sorted(live, key=_name_order)}.")
+        raise ValueError(
+            f"{manifest_file}: no adapter(s) {missing} to load{note}; it lists {sorted(live, key=_name_order)}."
+        )
     return [live[n] for n in names]
 
 
@@ -905,7 +924,9 @@ def _read_adapter(rack, resolve, entry: dict, manifest_file: str) -> tuple[LoraC
     name, n = entry["name"], len(rack.base_model.stacks)
     bad = [i for i in entry["stacks"] if not (isinstance(i, int) and 0 <= i < n)]
     if bad:
-        raise IndexError(f"{manifest_file}: adapter {name!r} targets stack(s) {bad}; the rack has {n} stacks (valid: 0..{n - 1}).")
+        raise IndexError(
+            f"{manifest_file}: adapter {name!r} targets stack(s) {bad}; the rack has {n} stacks (valid: 0..{n - 1})."
+        )
     folder = f"{ADAPTERS_DIR}/{entry['folder']}"
     try:
         config_file, weights_file = resolve(f"{folder}/{CONFIG_FILE}"), resolve(f"{folder}/{WEIGHTS_FILE}")

@@ -118,7 +118,9 @@ def test_presets_and_a_bare_stackwise_model():
     add_stack_adapter(model, 0, target="mlp")
     add_stack_adapter(model, 2, target=["v_proj", "down_proj"])
     assert [m.rsplit(".", 1)[1] for m in adapted_modules(model, "stack_0")] == ["down_proj", "gate_proj", "up_proj"]
-    assert adapted_modules(model, "stack_2") == ["stacks.2.blocks.0.mlp.down_proj", "stacks.2.blocks.0.self_attn.v_proj"]
+    assert adapted_modules(model, "stack_2") == [
+        "stacks.2.blocks.0.mlp.down_proj", "stacks.2.blocks.0.self_attn.v_proj"
+    ]
 
 
 def test_rank_strategies():
@@ -129,8 +131,12 @@ def test_rank_strategies():
     assert ranks(r=8, lora_alpha=16) == [(8, 16)] * 4
     assert ranks(r=4, lora_alpha=8, strategy="increasing", max_r=16) == [(4, 8), (8, 16), (16, 32), (16, 32)]
     assert ranks(r=16, lora_alpha=32, strategy="decreasing", min_r=2) == [(16, 32), (8, 16), (4, 8), (2, 4)]
-    assert ranks(r=4, lora_alpha=8, strategy="increasing", step=3, scale_alpha=False) == [(4, 8), (12, 8), (36, 8), (108, 8)]
-    assert ranks(r=8, strategy="list", r_list=[2, 4, 6, 8], alpha_list=[1, 2, 3, 4.5]) == [(2, 1), (4, 2), (6, 3), (8, 4.5)]
+    assert ranks(r=4, lora_alpha=8, strategy="increasing", step=3, scale_alpha=False) == [
+        (4, 8), (12, 8), (36, 8), (108, 8)
+    ]
+    assert ranks(r=8, strategy="list", r_list=[2, 4, 6, 8], alpha_list=[1, 2, 3, 4.5]) == [
+        (2, 1), (4, 2), (6, 3), (8, 4.5)
+    ]
     assert ranks(r=8, lora_alpha=16, strategy="list", r_list=[2, 4, 6, 8]) == [(2, 4), (4, 8), (6, 12), (8, 16)]
 
     # The modules get those ranks, per stack also inside one trunk adapter (peft's rank_pattern).
@@ -144,12 +150,14 @@ def test_rank_strategies():
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"strategy": "progressive"}, r"`strategy` must be one of \['constant', 'increasing', 'decreasing', 'list'\]; got 'progressive'"),
+        ({"strategy": "progressive"},
+         r"`strategy` must be one of \['constant', 'increasing', 'decreasing', 'list'\]; got 'progressive'"),
         ({"r": 0}, r"`r` must be a positive integer; got 0"),
         ({"target": "attn"}, r"`target` must be one of \['attention', 'mlp', 'all-linear'\]"),
         ({"target": ["q_proj", "w1"]}, r"`target` lists must name some of"),
         ({"strategy": "list"}, r"`r_list` is given exactly when `strategy` is 'list'"),
-        ({"init_lora_weights": "pissa"}, r"`init_lora_weights` must be one of \[True, False, 'gaussian'\]; got 'pissa'"),
+        ({"init_lora_weights": "pissa"},
+         r"`init_lora_weights` must be one of \[True, False, 'gaussian'\]; got 'pissa'"),
         ({"max_r": 2, "min_r": 4}, r"`max_r` \(2\) must be at least `min_r` \(4\)"),
         ({"rank": 8}, r"Unknown adapter setting\(s\) \['rank'\]; allowed fields are \['r', "),
     ],
@@ -227,9 +235,10 @@ def test_adapter_report_counts():
     assert stack_1["adapter"] == lora_1 + lora_trunk_1 and stack_1["trainable"] == lora_1
     assert stack_1["total"] == stack_1["base"] + stack_1["adapter"] and stack_1["adapters"] == ["stack_1", "trunk"]
     assert sum(r["trainable"] for r in rows) == sum(p.numel() for p in rack.parameters() if p.requires_grad)
-    assert rows[3]["adapter"] == 0 and rows[3]["base"] == sum(p.numel() for p in rack.model.embed_tokens.parameters()) * 2 + 32
-    table = format_adapter_report(rows)
-    assert table.splitlines()[0].split()[:3] == ["part", "base", "adapter"] and table.splitlines()[-1].startswith("total")
+    embeddings_norm_head = 96 * 32 * 2 + 32
+    assert rows[3]["adapter"] == 0 and rows[3]["base"] == embeddings_norm_head
+    lines = format_adapter_report(rows).splitlines()
+    assert lines[0].split()[:3] == ["part", "base", "adapter"] and lines[-1].startswith("total")
 
 
 def test_bf16_stack_adapter_trains_in_float32_and_base_stays_put():
@@ -407,7 +416,9 @@ def test_load_from_a_hub_repo_fetches_only_the_asked_adapter(hub_server, tmp_pat
     fresh = three_stack_rack()
     assert load_adapters(fresh, repo_id, names=["stack_2"]) == ["stack_2"]
     fetched = {f for f in hub_server.downloaded_files(repo_id) if f.startswith("adapters/")}
-    assert fetched == {MANIFEST_PATH, "adapters/stack_2/adapter_config.json", "adapters/stack_2/adapter_model.safetensors"}
+    assert fetched == {
+        MANIFEST_PATH, "adapters/stack_2/adapter_config.json", "adapters/stack_2/adapter_model.safetensors"
+    }
     fresh.load_rack(repo_id)
     torch.testing.assert_close(logits(fresh), logits(rack), rtol=0, atol=0)
 
@@ -470,8 +481,8 @@ def test_adapter_that_does_not_fit_raises_and_changes_nothing(tmp_path):
     rack = three_stack_rack()
     add_stack_adapter(rack, 2, **LIVE)
     before = logits(rack)
-    with pytest.raises(ShapeMismatchError, match=r"adapter 'stack_1': tensor `model\.stacks\.1\.blocks\.0\..*` has shape "
-                                                 r"\((8, 48|48, 8|96, 8|8, 96)\); this rack's module needs"):
+    message = r"adapter 'stack_1': tensor `model\.stacks\.1\.blocks\.0\..*` has shape \((8, 48|48, 8|96, 8|8, 96)\); "
+    with pytest.raises(ShapeMismatchError, match=message + "this rack's module needs"):
         load_adapters(rack, tmp_path, replace=True)
     assert_unchanged(rack, before, ["stack_2"])
 
@@ -495,7 +506,8 @@ def test_manifest_with_a_stack_the_rack_lacks_or_a_name_clash(tmp_path):
     source = with_adapters()
     save_adapters(source, tmp_path)
     small = tiny_rack(stack_sizes=[1, 2])
-    with pytest.raises(IndexError, match=r"adapter 'stack_2' targets stack\(s\) \[2\]; the rack has 2 stacks \(valid: 0..1\)"):
+    message = r"adapter 'stack_2' targets stack\(s\) \[2\]; the rack has 2 stacks \(valid: 0..1\)"
+    with pytest.raises(IndexError, match=message):
         load_adapters(small, tmp_path)
     assert adapter_names(small) == []
 
@@ -503,7 +515,8 @@ def test_manifest_with_a_stack_the_rack_lacks_or_a_name_clash(tmp_path):
     add_stack_adapter(rack, 1)
     with pytest.raises(ValueError, match=r"already has adapter\(s\) \['stack_1'\]; pass replace=True"):
         load_adapters(rack, tmp_path)
-    with pytest.raises(ValueError, match=r"no adapter\(s\) \['stack_9'\] to load; it lists \['stack_1', 'stack_2', 'trunk'\]"):
+    message = r"no adapter\(s\) \['stack_9'\] to load; it lists \['stack_1', 'stack_2', 'trunk'\]"
+    with pytest.raises(ValueError, match=message):
         load_adapters(rack, tmp_path, names=["stack_9"])
     assert adapter_names(rack) == ["stack_1"]
     with pytest.raises(FileNotFoundError, match="no adapter manifest"):
