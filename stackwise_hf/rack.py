@@ -231,7 +231,8 @@ class RackMixin:
         """Saves the complete rack: weights (`save_pretrained` layout) plus every adapter in peft format
         under `adapters/<name>/` with a manifest. Returns the directory."""
         self.save_pretrained(path, max_shard_size=max_shard_size)
-        if getattr(self, "peft_config", None) and is_peft_available():
+        # Also without live adapters: the manifest then records merges, or a stale one is removed.
+        if is_peft_available():
             from .adapters import save_adapters
 
             save_adapters(self, path)
