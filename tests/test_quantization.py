@@ -1,0 +1,116 @@
+"""A quantized frozen trunk: LoRA trains on top, the trunk stays bit-unchanged, and the rack round-trips
+through save/load bit for bit. torchao (int8) is what CI has; bitsandbytes (NF4, int8) runs where installed."""
+
+import pytest
+import torch
+
+from stackwise_hf import adapters
+from stackwise_hf.quantization import (
+    backend_available,
+    load_quantized_rack,
+    offload_stacks,
+    quantize_stacks,
+    quantized_stacks,
+    read_quantization_manifest,
+    resolve_backend,
+    save_quantized_rack,
+    stream_stacks,
+)
+
+from tiny import tiny_rack, tokens
+
+SHAPE = dict(stack_sizes=[2, 1], hidden_size=64, intermediate_size=128, stack_dtypes=["bfloat16", "bfloat16"])
+BACKENDS = [
+    pytest.param("torchao", 8, marks=pytest.mark.skipif(backend_available("torchao") is not None,
+                                                       reason=str(backend_available("torchao")))),
+    pytest.param("bitsandbytes", 4, marks=pytest.mark.skipif(backend_available("bitsandbytes") is not None,
+                                                            reason=str(backend_available("bitsandbytes")))),
+]
+
+
+def _trunk_codes(rack, stack_idx):
+    from stackwise_hf.quantization import PROJECTIONS, _codes
+
+    out = {}
+    for name, module in rack.model.stacks[stack_idx].named_modules():
+        if name.rsplit(".", 1)[-1] in PROJECTIONS:
+            layer = getattr(module, "base_layer", module)
+            out.update({f"{name}.{k}": v.detach().clone() for k, v in _codes(layer).items()})
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:TorchaoLoraLinear was instantiated")
+@pytest.mark.parametrize("backend,bits", BACKENDS)
+def test_lora_trains_over_a_quantized_trunk_and_round_trips(tmp_path, backend, bits):
+    rack = tiny_rack(**SHAPE)
+    ids = tokens(vocab=96)
+    reference = rack(ids).logits
+    record = quantize_stacks(rack, [0, 1], bits=bits, backend=backend)
+    assert record == {i: {"bits": bits, "backend": backend, "scheme": "nf4" if bits == 4 else "int8"} for i in (0, 1)}
+    assert (rack(ids).logits - reference).abs().max() < 0.2  # quantization error, not garbage
+    trunk_before = _trunk_codes(rack, 0)
+
+    adapters.add_stack_adapter(rack, 1, {"r": 4, "lora_alpha": 8})
+    rack.requires_grad_(False)
+    adapters.activate_adapters(rack, ["stack_1"], trainable=["stack_1"])
+    trained = {n: p for n, p in rack.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_" in n for n in trained)
+    start = {n: p.detach().clone() for n, p in trained.items()}
+    optimizer = torch.optim.AdamW(trained.values(), lr=1e-2)
+    rack.train()
+    losses = []
+    for _ in range(4):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = rack(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    rack.eval()
+    assert losses[-1] < losses[0]
+    assert any(not torch.equal(start[n], p) for n, p in trained.items())
+    after = _trunk_codes(rack, 0)
+    assert all(torch.equal(trunk_before[k], after[k]) for k in trunk_before)  # the trunk is bit-unchanged
+
+    expected = rack(ids).logits
+    save_quantized_rack(rack, tmp_path / "rack")
+    assert read_quantization_manifest(tmp_path / "rack")[0]["bits"] == bits
+    other = tiny_rack(seed=7, **SHAPE)
+    load_quantized_rack(other, tmp_path / "rack")
+    assert quantized_stacks(other) == record
+    assert torch.equal(other(ids).logits, expected)
+    reloaded = _trunk_codes(other, 0)
+    assert all(torch.equal(after[k], reloaded[k].to(after[k].device)) for k in after)
+    # The directory is also a plain checkpoint: loads without quantization, close to the quantized rack.
+    plain = tiny_rack(seed=7, **SHAPE)
+    plain.load_rack_weights(tmp_path / "rack")
+    assert not quantized_stacks(plain)
+
+
+def test_missing_backend_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        resolve_backend(4, "auto")
+    with pytest.raises(ValueError, match="bitsandbytes"):
+        resolve_backend(4, "torchao")
+    with pytest.raises(ValueError, match="8 or 4"):
+        resolve_backend(3)
+
+
+def test_trunk_off_the_device_streams_one_stack_at_a_time(monkeypatch):
+    rack = tiny_rack(stack_sizes=[1, 1, 1])
+    moves = []
+    for i, stack in enumerate(rack.model.stacks):
+        monkeypatch.setattr(stack, "to", lambda device, i=i, stack=stack: moves.append((i, str(device))) or stack)
+    assert offload_stacks(rack, [0, 1]) == [0, 1]
+    assert moves == [(0, "cpu"), (1, "cpu")]
+    moves.clear()
+    seen = []
+    with stream_stacks(rack, [0, 1], "cuda") as stacks:
+        for i, _ in stacks:
+            seen.append((i, list(moves)))
+    assert seen == [(0, [(0, "cuda")]), (1, [(0, "cuda"), (0, "cpu"), (1, "cuda")])]
+    assert moves[-1] == (1, "cpu")
