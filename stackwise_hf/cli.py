@@ -3,6 +3,7 @@
     stackwise train --config configs/default.yaml [--set training.max_steps=5 ...]
     stackwise info outputs/default/final
     stackwise generate outputs/default/final --prompt "ROMEO:" --max-new-tokens 40
+    stackwise push outputs/default/final me/shakespeare-rack
 
 `accelerate launch -m stackwise_hf.cli train --config ...` runs the same trainer on several processes.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 logger = logging.getLogger("stackwise_hf")
@@ -73,6 +75,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             pad_token_id=tokenizer.pad_token_id)
     print(tokenizer.decode(out[0], skip_special_tokens=True))
     return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_checkpoint_to_hub, push_rack_folder_to_hub
+
+    common = dict(commit_message=args.commit_message, private=args.private or None, revision=args.revision,
+                  create_pr=args.create_pr, token=args.token)
+    if args.checkpoint:
+        info = push_checkpoint_to_hub(args.path, args.repo_id, path_in_repo=args.path_in_repo or "", **common)
+    else:
+        info = push_rack_folder_to_hub(args.path, args.repo_id, training_run=args.training_run or _run_dir_of(args.path),
+                                       **common)
+    print(f"pushed {args.path} to {info.pr_url or info.commit_url}")
+    return 0
+
+
+def _run_dir_of(path: str) -> str | None:
+    """The training output directory of a rack saved by the trainer (`<output_dir>/final`), if any."""
+    for candidate in (path, os.path.dirname(os.path.normpath(path))):
+        if os.path.isfile(os.path.join(candidate, "log.jsonl")):
+            return candidate
+    return None
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -143,6 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--revision")
     gen.set_defaults(func=cmd_generate)
+
+    push = sub.add_parser("push", help="push a saved rack directory (or a training checkpoint) to the Hub in one commit")
+    push.add_argument("path", help="rack directory (save_rack / a run's final/), or a checkpoint with --checkpoint")
+    push.add_argument("repo_id", help="namespace/name of the repo; created if missing, updated otherwise")
+    push.add_argument("--revision", help="branch to push to (created from main if missing)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
+    push.add_argument("--commit-message", help="default: a summary of what is pushed")
+    push.add_argument("--token", help="Hub token (default: the logged-in one / HF_TOKEN)")
+    push.add_argument("--training-run", help="run directory with log.jsonl and loss.png for the model card "
+                                             "(default: PATH's parent when it holds log.jsonl)")
+    push.add_argument("--checkpoint", action="store_true", help="push PATH as a training checkpoint")
+    push.add_argument("--path-in-repo", help="with --checkpoint: folder in the repo (default: the root)")
+    push.set_defaults(func=cmd_push)
 
     plan = sub.add_parser("plan", help="predict each stage's peak device memory; say which stages fit")
     plan.add_argument("--config", required=True, help="experiment YAML")

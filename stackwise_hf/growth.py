@@ -68,9 +68,11 @@ def grow(rack, n_blocks: int, position: str = "append", init: str = "random", dt
     rack.config.stack_dtypes.insert(index, dtype_name)
     renumber_layers(rack)
     if position == "prepend" and is_peft_available() and getattr(rack, "peft_config", None):
-        from .adapters import shift_adapter_stacks
+        # Not `from .adapters import ...`: transformers would then ship adapters.py (which needs peft)
+        # with the modeling code pushed to the Hub (see stackwise_hf.hub).
+        from . import adapters
 
-        shift_adapter_stacks(rack, offset=1)
+        adapters.shift_adapter_stacks(rack, offset=1)
     logger.info(
         "%s stack %d: %d blocks, init=%s, dtype=%s; the rack now has %d stacks (%d blocks).",
         "Appended" if position == "append" else "Prepended", index, n_blocks, init, dtype_name,

@@ -9,6 +9,7 @@ model plays here.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
@@ -134,10 +135,13 @@ class RackMixin:
         """
         if os.path.isfile(save_directory):
             raise NotADirectoryError(f"{save_directory}: expected a directory to save the rack in, found a file.")
-        if push_to_hub:
-            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
-            return self.push_to_hub(repo_id, max_shard_size=max_shard_size, **kwargs)
         if not is_main_process:
+            return None
+        if push_to_hub:
+            # As transformers does: save here, then push (the push writes the full rack: adapters, card).
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            self.save_pretrained(save_directory, state_dict=state_dict, max_shard_size=max_shard_size)
+            self.push_to_hub(repo_id, max_shard_size=max_shard_size, **kwargs)
             return None
         os.makedirs(save_directory, exist_ok=True)
         if getattr(self, "_auto_class", None) is not None:
@@ -232,40 +236,138 @@ class RackMixin:
         under `adapters/<name>/` with a manifest. Returns the directory."""
         self.save_pretrained(path, max_shard_size=max_shard_size)
         # Also without live adapters: the manifest then records merges, or a stale one is removed.
-        if is_peft_available():
-            from .adapters import save_adapters
-
-            save_adapters(self, path)
+        adapters = _adapters_module()
+        if adapters is not None:
+            adapters.save_adapters(self, path)
+        elif getattr(self, "peft_config", None):
+            logger.warning("%s: the rack's adapters were not saved (stackwise_hf.adapters cannot be imported here).", path)
         return os.fspath(path)
 
     def load_rack(self, path: str | os.PathLike, **hub_kwargs) -> bool:
         """Restores a rack saved with `save_rack` in place: weights, stack layout, dtypes and adapters."""
         self.load_rack_weights(path, **hub_kwargs)
         resolve = serialization.resolver_for(path, **hub_kwargs)
-        if is_peft_available():
-            from .adapters import load_adapters, manifest_exists
-
-            if manifest_exists(resolve) or getattr(self, "peft_config", None):
-                load_adapters(self, path, replace=True, **hub_kwargs)
+        adapters = _adapters_module()
+        if adapters is not None and (adapters.manifest_exists(resolve) or getattr(self, "peft_config", None)):
+            adapters.load_adapters(self, path, replace=True, **hub_kwargs)
         return True
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, after checking that every shard of a local rack exists
-        and is complete (so a damaged checkpoint fails with the file's name, before any loading), and
-        then putting each stack back in its saved dtype."""
-        path = os.fspath(pretrained_model_name_or_path)
-        subfolder = kwargs.get("subfolder", "")
-        local = os.path.join(path, subfolder)
-        if os.path.isfile(os.path.join(local, serialization.INDEX_NAME)):
-            resolve = serialization.local_resolver(local)
+        """`PreTrainedModel.from_pretrained` for a rack directory or Hub repo id, plus three things:
+        every shard is checked first (complete, and for a repo also hashed against the id the Hub stored
+        it under), so a damaged rack fails with the file's name before any loading; each stack is put
+        back in its saved dtype; and the rack's adapters are loaded when it has an adapter manifest."""
+        from .hub import ADAPTER_MANIFEST, has_file, pretrained_source
+
+        resolve, adapter_path, hub_kwargs = pretrained_source(pretrained_model_name_or_path, kwargs)
+        if resolve is not None and has_file(resolve, serialization.INDEX_NAME):
             serialization.check_files(resolve, serialization.read_index(resolve)["weight_map"].values())
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         if kwargs.get("dtype") in (None, "auto"):
             for i, dtype in enumerate(model.config.stack_dtypes):
                 if model.base_model.stacks[i].dtype != getattr(torch, dtype):
                     growth.cast_stack(model, i, dtype)
+        if resolve is not None and has_file(resolve, ADAPTER_MANIFEST):
+            adapters = _adapters_module()
+            if adapters is None:
+                logger.warning(
+                    "%s has adapters (%s), which need stackwise_hf and peft to load; loaded without them. Plain peft "
+                    "loads one: PeftModel.from_pretrained(model, path, subfolder='adapters/<name>').",
+                    pretrained_model_name_or_path, ADAPTER_MANIFEST,
+                )
+            else:
+                adapters.load_adapters(model, adapter_path, replace=True, **hub_kwargs)
         return model
+
+    # The Hub ------------------------------------------------------------------------------------------
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str = "5GB",
+        tags: list[str] | None = None,
+        tokenizer=None,
+        training_run=None,
+        loss_plot: str | os.PathLike | None = None,
+    ):
+        """Pushes the whole rack to a Hub repo in one commit: config, per-stack shards and index, adapters
+        in peft's layout, the tokenizer when given, the modeling code when the classes are registered
+        for auto classes, and a model card with a table of stacks. Remote shard and adapter files the new
+        save no longer has are deleted in the same commit.
+
+        Args:
+            repo_id, commit_message, commit_description, private, token, revision, create_pr,
+            max_shard_size, tags: as in transformers' `PushToHubMixin.push_to_hub`.
+            tokenizer (*optional*): saved beside the rack.
+            training_run (*optional*): the training output directory (`log.jsonl`, `loss.png`) or its log
+                records: fills tokens trained and eval loss per stack in the card, and shows the plot.
+            loss_plot (*optional*): a PNG for the card; defaults to the run's `loss.png`.
+
+        Returns:
+            huggingface_hub's `CommitInfo` (`commit_url`, `oid`, `pr_url`).
+
+        Example:
+
+        ```python
+        >>> rack.push_to_hub("me/tiny-rack", tokenizer=tokenizer, training_run="outputs/default")  # doctest: +SKIP
+        >>> StackWiseForCausalLM.from_pretrained("me/tiny-rack")  # doctest: +SKIP
+        ```
+        """
+        from .hub import push_rack_to_hub
+
+        return push_rack_to_hub(
+            self, repo_id, max_shard_size=max_shard_size, tokenizer=tokenizer, commit_message=commit_message,
+            commit_description=commit_description, private=private, token=token, revision=revision,
+            create_pr=create_pr, tags=tags, training_run=training_run, loss_plot=loss_plot,
+        )
+
+    def push_stack_to_hub(
+        self,
+        stack_idx: int,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str = "5GB",
+        training_run=None,
+    ):
+        """Pushes stack `stack_idx` into a rack repo in one commit: its shards, the index (that stack's
+        entries replaced), the config when the stack is new or its dtype changed, and its card row.
+        The stack replaces the remote stack of that index (same block count) or, when the remote rack
+        has exactly `stack_idx` stacks, is appended to it. Pull it with `load_stack(i, repo_id)`.
+
+        Returns:
+            huggingface_hub's `CommitInfo`.
+        """
+        from .hub import push_stack_to_hub
+
+        return push_stack_to_hub(
+            self, stack_idx, repo_id, commit_message=commit_message, commit_description=commit_description,
+            token=token, revision=revision, create_pr=create_pr, max_shard_size=max_shard_size,
+            training_run=training_run,
+        )
+
+
+def _adapters_module():
+    """`stackwise_hf.adapters`, or None where it cannot be imported: without peft, or in the copy of
+    this code that `trust_remote_code=True` loads from a Hub repo (shipped without it, since it needs
+    peft). Imported as `from . import adapters`, which transformers' code copier does not follow."""
+    if not is_peft_available() or importlib.util.find_spec(f"{__package__}.adapters") is None:
+        return None
+    from . import adapters
+
+    return adapters
 
 
 def _one_of(dtype, precision):
@@ -302,10 +404,9 @@ def _reshape_stacks(rack, stack_sizes: list[int]) -> None:
     body = rack.base_model
     stack_cls = type(body.stacks[0])
     device = body.embed_tokens.weight.device
-    if is_peft_available() and getattr(rack, "peft_config", None):
-        from .adapters import remove_all_adapters
-
-        remove_all_adapters(rack)
+    adapters = _adapters_module()
+    if adapters is not None and getattr(rack, "peft_config", None):
+        adapters.remove_all_adapters(rack)
     body.stacks = torch.nn.ModuleList(stack_cls(rack.config, n).to(device) for n in stack_sizes)
     rack.config.stack_sizes = list(stack_sizes)
     rack.config.stack_dtypes = ["float32"] * len(stack_sizes)

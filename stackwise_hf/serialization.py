@@ -126,7 +126,9 @@ def _sort_key(group):
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: str, group) -> None:
     tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata={"format": "pt", "stackwise_group": str(group)})
+    # One metadata key only: safetensors writes metadata in hash-map order, so with two keys equal shards
+    # could differ byte-wise, and the Hub would take an unchanged stack for a new one and upload it again.
+    save_file(tensors, tmp, metadata={"format": "pt"})
     os.replace(tmp, path)
 
 
