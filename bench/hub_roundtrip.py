@@ -74,22 +74,24 @@ def main() -> None:
     print(f"{params / 1e6:.1f}M parameters, {args.layers} layers, rack of {args.stacks} stacks, repeats={args.repeats}, "
           f"server {hub.url}")
 
-    def run(name, model, model_cls, repeats):
-        pushes, pulls = [], []
-        for r in range(repeats):
+    models = {"llama": (llama, LlamaForCausalLM), "rack": (rack, StackWiseForCausalLM)}
+    runs = {name: {"push": [], "pull": []} for name in models}
+    # Alternate the two every repeat (after one warm-up round), so drifts in load fall on both alike.
+    for r in range(args.repeats + 1):
+        for name, (model, model_cls) in models.items():
             repo_id = f"{user}/{name}-{r}"
-            pushes.append(measure(hub, lambda: model.push_to_hub(repo_id)))
+            push = measure(hub, lambda: model.push_to_hub(repo_id))
             cache = tempfile.mkdtemp(prefix="bench-cache-")
-            pulls.append(measure(hub, lambda: model_cls.from_pretrained(repo_id, cache_dir=cache)))
-        return {
-            "push_s": statistics.median(p[0] for p in pushes), "push_bytes": pushes[-1][1],
-            "pull_s": statistics.median(p[0] for p in pulls), "pull_bytes": pulls[-1][2], "repo": f"{user}/{name}-0",
-        }
-
-    run("warmup-llama", llama, LlamaForCausalLM, 1)  # first-call costs (imports, connections) fall on neither side
-    run("warmup-rack", rack, StackWiseForCausalLM, 1)
-    results = {"llama": run("llama", llama, LlamaForCausalLM, args.repeats),
-               "rack": run("rack", rack, StackWiseForCausalLM, args.repeats)}
+            pull = measure(hub, lambda: model_cls.from_pretrained(repo_id, cache_dir=cache))
+            if r > 0:
+                runs[name]["push"].append(push)
+                runs[name]["pull"].append(pull)
+    results = {
+        name: {"push_s": statistics.median(p[0] for p in run["push"]), "push_bytes": run["push"][-1][1],
+               "pull_s": statistics.median(p[0] for p in run["pull"]), "pull_bytes": run["pull"][-1][2],
+               "repo": f"{user}/{name}-1"}
+        for name, run in runs.items()
+    }
     print(f"{'':8}{'push s':>10}{'push bytes':>14}{'pull s':>10}{'pull bytes':>14}")
     for name, r in results.items():
         print(f"{name:8}{r['push_s']:>10.3f}{r['push_bytes']:>14,}{r['pull_s']:>10.3f}{r['pull_bytes']:>14,}")
