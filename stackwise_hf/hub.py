@@ -317,9 +317,8 @@ def download_checkpoint(repo_id: str, *, revision: str | None = None, subfolder:
 
 def _relative_files(directory: str) -> list[str]:
     """POSIX paths, relative to `directory`, of every file under it."""
-    return sorted(
-        os.path.relpath(os.path.join(d, f), directory).replace(os.sep, "/") for d, _, names in os.walk(directory) for f in names
-    )
+    found = (os.path.join(d, f) for d, _, names in os.walk(directory) for f in names)
+    return sorted(os.path.relpath(path, directory).replace(os.sep, "/") for path in found)
 
 
 def resolve_checkpoint_location(location: str, *, revision: str | None = None, token: str | bool | None = None,
@@ -413,7 +412,8 @@ def _state_after_failure(target: _Target) -> str:
     try:
         head = target.api.repo_info(target.repo_id, revision=target.revision).sha
     except (*_NETWORK_ERRORS, HfHubHTTPError):
-        return f"Nothing was committed by this push; the branch could not be read back to confirm it (head was {target.head[:12]})."
+        return (f"Nothing was committed by this push; the branch could not be read back to confirm it "
+                f"(head was {target.head[:12]}).")
     if head == target.head:
         return f"Nothing was committed: {target.where} is still at {head[:12]}."
     return f"{target.where} moved from {target.head[:12]} to {head[:12]} meanwhile (another writer?)."
@@ -612,8 +612,10 @@ def push_stack_to_hub(
         operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=os.path.join(tmp, f)) for f in new_files]
         operations.append(CommitOperationAdd(path_in_repo=INDEX_NAME, path_or_fileobj=_json_bytes(new_index)))
         if appending or dtypes[stack_idx] != local_dtype:
-            sizes = sizes + [local_blocks] if appending else sizes
-            dtypes = dtypes + [local_dtype] if appending else [local_dtype if i == stack_idx else d for i, d in enumerate(dtypes)]
+            if appending:
+                sizes, dtypes = sizes + [local_blocks], dtypes + [local_dtype]
+            else:
+                dtypes = [local_dtype if i == stack_idx else d for i, d in enumerate(dtypes)]
             config = {**config, "stack_sizes": sizes, "stack_dtypes": dtypes}
             if "num_hidden_layers" in config:
                 config["num_hidden_layers"] = sum(sizes)
@@ -627,7 +629,7 @@ def push_stack_to_hub(
         operations += [CommitOperationDelete(path_in_repo=f) for f in sorted(set(old_files) - set(new_files))]
         verb = "Add" if appending else "Update"
         message = commit_message or (
-            f"{verb} stack {stack_idx}: {local_blocks} blocks, {local_dtype}, {numel:,} parameters"
+            f"{verb} stack {stack_idx}: {local_blocks} block{'s' * (local_blocks != 1)}, {local_dtype}, {numel:,} parameters"
         )
         return _commit(target, operations, message, commit_description, create_pr)
 
@@ -785,7 +787,8 @@ def _check_checkpoint_manifest(checkpoint_dir: str) -> None:
             raise FileNotFoundError(f"{checkpoint_dir}: manifest.json lists {item['path']!r}, which is missing.")
         if isinstance(item.get("size"), int) and os.path.getsize(local) != item["size"]:
             raise CorruptFileError(
-                f"{local}: {os.path.getsize(local)} bytes, manifest.json says {item['size']}; not pushing an incomplete checkpoint."
+                f"{local}: {os.path.getsize(local)} bytes, manifest.json says {item['size']}; "
+                f"not pushing an incomplete checkpoint."
             )
 
 

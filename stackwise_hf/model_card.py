@@ -182,7 +182,10 @@ def render_card(
     body = card.text if card else f"\n# {repo_id.split('/')[-1]}\n\n{section}\n"
     if card:
         start, end = body.find(BEGIN), body.find(END)
-        body = (body[:start] + section + body[end + len(END):]) if 0 <= start < end else body.rstrip() + "\n\n" + section + "\n"
+        if 0 <= start < end:
+            body = body[:start] + section + body[end + len(END):]
+        else:
+            body = body.rstrip() + "\n\n" + section + "\n"
     return f"---\n{ModelCardData(**data).to_yaml()}\n---\n{body}"
 
 
@@ -226,7 +229,8 @@ def _section(rows: list[dict], repo_id: str, config: dict, loss_plot: bool, remo
         "```",
     ]
     if remote_code:
-        lines += ["", f"Without stackwise_hf installed: `{load}.from_pretrained(\"{repo_id}\", trust_remote_code=True)`."]
+        snippet = f'{load}.from_pretrained("{repo_id}", trust_remote_code=True)'
+        lines += ["", f"Without stackwise_hf installed: `{snippet}`."]
     lines.append(END)
     return "\n".join(lines)
 

@@ -192,7 +192,7 @@ def test_push_a_second_stack_into_an_existing_repo_then_replace_a_stack(hub_serv
     rack.append_stack(1, init="random")
     info = rack.push_stack_to_hub(1, repo_id)
     commit = _head(hub_server, repo_id)
-    assert info.oid == commit.oid and commit.message.startswith("Add stack 1: 1 blocks, float32")
+    assert info.oid == commit.oid and commit.message.startswith("Add stack 1: 1 block, float32")
     assert sorted(commit.changed) == ["README.md", "config.json", "model-stack001.safetensors", INDEX_NAME]
     assert commit.deleted == ()
     pulled = StackWiseForCausalLM.from_pretrained(repo_id)
