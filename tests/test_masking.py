@@ -169,12 +169,12 @@ def _trainer(tmp_path, stages, objective=None, rack=None):
 
 @pytest.mark.parametrize("name", ["mlm", "masked_diffusion"])
 def test_masked_objectives_train_a_bidirectional_rack(tmp_path, name):
-    trainer = _trainer(tmp_path, [{"max_steps": 60, "objective": name, "learning_rate": 1e-2,
+    trainer = _trainer(tmp_path, [{"max_steps": 40, "objective": name, "learning_rate": 1e-2,
                                    "train": ["stack", "head", "embeddings"]}])
     result = trainer.train()
     assert trainer.rack.config.attention_mode == "bidirectional"
     stage = result["stages"][0]
-    assert stage["final_loss"] < stage["first_loss"] - 0.5, stage
+    assert stage["final_loss"] < stage["first_loss"] - 0.25, stage
 
 
 def test_bad_objective_section_fails_before_training(tmp_path):
@@ -185,9 +185,9 @@ def test_bad_objective_section_fails_before_training(tmp_path):
 
 
 def test_right_to_left_depth_as_time_trains_the_prepended_stack_under_a_frozen_suffix(tmp_path):
-    stages = [{"max_steps": 20, "objective": "depth_as_time", "train": ["stack", "head", "embeddings"],
+    stages = [{"max_steps": 10, "objective": "depth_as_time", "train": ["stack", "head", "embeddings"],
                "learning_rate": 1e-2}] + [
-        {"grow": "prepend", "n_blocks": 1, "init": "identity", "objective": "depth_as_time", "max_steps": 8,
+        {"grow": "prepend", "n_blocks": 1, "init": "identity", "objective": "depth_as_time", "max_steps": 4,
          "train": ["stack"], "learning_rate": 1e-2}] * 2
     trainer = _trainer(tmp_path, stages, {"min_ratio": 0.2, "max_ratio": 0.8})
     trainer.setup()
@@ -209,3 +209,27 @@ def test_right_to_left_depth_as_time_trains_the_prepended_stack_under_a_frozen_s
     # Each prepended stack is leftmost in the final rack: the noise grows stage by stage.
     assert seen == pytest.approx([0.2, 0.5, 0.8])
     assert [r["stack_sizes"] for r in trainer.state.stage_results][-1] == [1, 1, 1]
+
+
+def test_the_bundled_depth_as_time_config_is_right_to_left_with_rising_noise():
+    from stackwise_hf.training import ExperimentConfig
+
+    experiment = ExperimentConfig.from_yaml("configs/depth_as_time.yaml")
+    schedule = resolve_schedule(experiment.stages, experiment.model.stack_sizes)
+    assert [s.config.grow for s in schedule] == [None, "prepend", "prepend"] and schedule[-1].stack_sizes == (2, 2, 2)
+    assert all(s.config.train == ["stack"] for s in schedule[1:])
+    assert stage_mask_ratios(schedule, experiment.objective) == pytest.approx([0.15, 0.5, 0.85])
+    assert experiment.model.attention_mode == "bidirectional"
+
+
+class _Tokenizer:
+    mask_token_id, pad_token_id, eos_token_id, bos_token_id = 3, 0, 1, 1
+
+
+def test_a_given_tokenizer_supplies_the_mask_token(tmp_path):
+    experiment = tiny_experiment(tmp_path, [{"max_steps": 1, "objective": "mlm"}])
+    assert experiment.model.mask_token_id is None
+    trainer = ProgressiveTrainer(experiment, train_dataset=synthetic_blocks(16), eval_dataset=synthetic_blocks(8),
+                                 tokenizer=_Tokenizer())
+    trainer.setup()
+    assert trainer.enter_stage(trainer.schedule[0]).objective.mask_token_id == 3

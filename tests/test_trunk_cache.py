@@ -11,7 +11,7 @@ from stackwise_hf.training.trunk_cache import StaleCacheError, TrunkCache
 from tiny import synthetic_blocks, tiny_experiment, tiny_mlm_rack, tiny_rack
 
 
-def _stages(mode, objective="clm", n=3, steps=6):
+def _stages(mode, objective="clm", n=3, steps=4):
     first = {"max_steps": steps, "train": ["stack", "head", "embeddings"], "objective": objective,
              "trunk_mode": mode, "learning_rate": 1e-2}
     grow = {"grow": "append", "n_blocks": 1, "max_steps": steps, "objective": objective, "trunk_mode": mode,
@@ -43,7 +43,7 @@ def test_cache_and_recompute_give_the_same_trajectory_and_the_cache_is_extended(
     cached = _trainer(tmp_path / "c", _stages("cache", objective), masked=masked)
     cached.train()
     expected, got = _losses(recompute), _losses(cached)
-    assert [k[:2] for k in got] == [k[:2] for k in expected] and len(got) > 10
+    assert [k[:2] for k in got] == [k[:2] for k in expected] and len(got) >= 9
     for (_, _, a), (_, _, b) in zip(expected, got):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
     for (name, a), b in zip(recompute.rack.state_dict().items(), cached.rack.state_dict().values()):

@@ -338,6 +338,8 @@ class ProgressiveTrainer:
 
     def _setup_data(self) -> None:
         if self.train_dataset is not None and self.eval_dataset is not None:
+            if self.tokenizer is not None:  # a given tokenizer still supplies the mask/pad/eos ids
+                _fill_special_tokens(self.experiment.model, self.tokenizer)
             return
         from ..data import build_datasets, check_tokenizer_fits, load_or_train_tokenizer
 

@@ -20,6 +20,10 @@ of the cache, looked up by the blocks' `sample_id`s.
 
 In cache mode the trunk stacks are not needed during the stage: `offload_trunk` moves them off the
 accelerator (the trainer does so on a single process) and `restore_trunk` brings them back.
+
+With several processes, an in-memory cache is built by each process over every block (simple, and
+exact whatever the sampler hands a process); an on-disk cache is built by the main process and found by
+the others through its manifest.
 """
 
 from __future__ import annotations
