@@ -67,9 +67,11 @@ def grow(rack, n_blocks: int, position: str = "append", init: str = "random", dt
     rack.config.stack_sizes.insert(index, n_blocks)
     rack.config.stack_dtypes.insert(index, dtype_name)
     renumber_layers(rack)
-    if position == "prepend" and is_peft_available() and getattr(rack, "peft_config", None):
-        # Not `from .adapters import ...`: transformers would then ship adapters.py (which needs peft)
-        # with the modeling code pushed to the Hub (see stackwise_hf.hub).
+    if position == "prepend" and is_peft_available() and (
+        getattr(rack, "peft_config", None) or getattr(rack, "_merged_adapters", None)
+    ):
+        # Live adapters and merge records both name stacks by index. Not `from .adapters import ...`:
+        # transformers would then ship adapters.py (which needs peft) with code pushed to the Hub.
         from . import adapters
 
         adapters.shift_adapter_stacks(rack, offset=1)
