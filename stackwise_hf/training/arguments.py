@@ -40,6 +40,9 @@ class TrainingArguments:
         resume_from_checkpoint (`str`, *optional*): a checkpoint directory, "latest" (the newest valid one
             in `checkpoint_dir`), or a Hub repo id.
         verify_checkpoint_hashes (`bool`): check sha256 of every checkpoint file on load.
+        steps_per_stage (`int`, *optional*): optimizer steps of each `ProgressiveTrainer.train_rack` call;
+            null: one pass over the DataLoader it is given. (Stages of a schedule set their own length.)
+        learning_rate (`float`): peak learning rate of `train_rack` (stages of a schedule set their own).
         max_stacks (`int`, *optional*): refuse schedules that grow the rack beyond this many stacks.
         report_to (`str` or `list[str]`): Accelerate trackers; "auto" uses TensorBoard when installed.
         dataloader_num_workers (`int`): DataLoader worker processes.
@@ -78,6 +81,8 @@ class TrainingArguments:
     save_activation_cache: bool = False
     resume_from_checkpoint: str | None = None
     verify_checkpoint_hashes: bool = True
+    steps_per_stage: int | None = None
+    learning_rate: float = 1e-3
     max_stacks: int | None = None
     report_to: str | list[str] = "auto"
     dataloader_num_workers: int = 0
@@ -97,6 +102,8 @@ class TrainingArguments:
                      "loss_chunk_size"):
             check_positive(name, getattr(self, name), optional=True)
         check_positive("max_grad_norm", self.max_grad_norm, optional=True, number=float)
+        check_positive("steps_per_stage", self.steps_per_stage, optional=True)
+        check_positive("learning_rate", self.learning_rate, number=float)
         if isinstance(self.dataloader_num_workers, bool) or not isinstance(self.dataloader_num_workers, int) \
                 or self.dataloader_num_workers < 0:
             raise ValueError(f"`dataloader_num_workers` must be a non-negative integer; got {self.dataloader_num_workers!r}.")

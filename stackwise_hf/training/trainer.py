@@ -27,6 +27,8 @@ from transformers import get_scheduler
 from ..configuration_stackwise import StackWiseConfig
 from ..modeling_stackwise import StackWiseForCausalLM, StackWiseForMaskedLM
 from .arguments import TrainingArguments
+from .checkpointing import CheckpointingMixin
+from .direct import DirectTrainingMixin
 from .experiment import ExperimentConfig
 from .objectives import build_objective
 from .schedule import ResolvedStage, StageConfig, resolve_schedule
@@ -53,7 +55,7 @@ class StageRun:
     started: float
 
 
-class ProgressiveTrainer:
+class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
     """Trains a rack progressively, stage by stage, with Accelerate.
 
     Args:
@@ -117,6 +119,7 @@ class ProgressiveTrainer:
         if self.accelerator.trackers == [] and resolve_trackers(self.args.report_to):
             self.accelerator.init_trackers(self.args.project_name, config=_flat_config(self.experiment))
         logger.info("Schedule: %s", [(s.name, s.config.grow, s.stack, s.config.train) for s in self.schedule])
+        self.checkpoints.after_setup()  # resumes when `resume_from_checkpoint` is set
 
     def enter_stage(self, stage: ResolvedStage) -> StageRun:
         set_seed(self.args.seed + stage.index)
@@ -153,6 +156,7 @@ class ProgressiveTrainer:
         logger.info("Entering %s: stack %d of %s trains %s for %d steps (%d trainable parameters).", stage.name,
                     stage.stack, list(self.rack.config.stack_sizes), config.train, total_steps, sum(
                         p.numel() for p in self.rack.parameters() if p.requires_grad))
+        self.checkpoints.restore_run(run)  # a mid-stage checkpoint's optimizer, scheduler, RNG
         return run
 
     def run_stage(self, run: StageRun) -> None:
@@ -193,6 +197,7 @@ class ProgressiveTrainer:
         self.run_log.record("stage_end", self.state.global_step, **summary)
         self.state.stage += 1
         self.state.stage_entered = False
+        self.checkpoints.stage_end(run)
         self.accelerator.free_memory()
         del run
         gc.collect()
@@ -248,12 +253,16 @@ class ProgressiveTrainer:
             window.clear()
         if self.args.eval_steps and step % self.args.eval_steps == 0 and step != run.total_steps:
             self.evaluate(run)
+        self.checkpoints.step_end(run)
 
     def _epoch_batches(self, run: StageRun):
-        run.sampler.set_epoch(self.state.epoch)
+        loader = run.train_loader
         if self.state.epoch_batches:
-            return self.accelerator.skip_first_batches(run.train_loader, self.state.epoch_batches)
-        return run.train_loader
+            loader = self.accelerator.skip_first_batches(loader, self.state.epoch_batches)
+        # Accelerate's loader sets the sampler's epoch from its own pass counter when iterated; a loader
+        # rebuilt on resume (or the one skipping a resumed epoch's first batches) must count from our epoch.
+        loader.set_epoch(self.state.epoch)
+        return loader
 
     # Evaluation ------------------------------------------------------------------------------------
 
