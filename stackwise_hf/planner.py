@@ -38,7 +38,6 @@ outside `max_memory_allocated`) and allocator fragmentation; `reserve` keeps a m
 from __future__ import annotations
 
 import dataclasses
-import math
 import weakref
 from dataclasses import dataclass, field
 

@@ -318,6 +318,12 @@ def test_resume_from_a_checkpoint_pushed_to_the_hub(hub_server, tmp_path):
     again = resolve_checkpoint_location(f"{repo_id}@{first.oid}")
     assert _tree_digest(again) == before
 
+    # The trainer takes the Hub location (repo@revision) where it takes a local checkpoint path.
+    pinned = trainer("c")
+    pinned.setup()
+    assert pinned.restore_from_checkpoint(f"{repo_id}@{first.oid}", pinned.rack)
+    assert state_dicts_equal(pinned.rack.state_dict(), source.rack.state_dict())
+
 
 def test_checkpoint_in_a_subfolder_and_its_faults(hub_server, tmp_path):
     ckpt = tmp_path / "checkpoint-00000007"

@@ -45,7 +45,6 @@ import posixpath
 import random
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -721,16 +720,20 @@ class CheckpointManager:
 
     def resolve(self, spec: str | os.PathLike) -> str | None:
         """A checkpoint directory for "latest" (None when there is none), a directory, a manifest path,
-        or a Hub repo id (downloaded, then verified like a local one)."""
+        or a Hub location "namespace/name[@revision][/folder]" (downloaded, then verified like a local one)."""
         if os.fspath(spec) == "latest":
             return self.latest()
         path = os.fspath(spec)
         directory = checkpoint_directory(path)
         if os.path.isdir(directory):
             return directory
-        if (not os.path.exists(path) and not os.path.isabs(path) and not path.startswith(".") and path.count("/") == 1
-                and not os.path.basename(path).startswith(PREFIX)):
-            return _download(path)
+        if not os.path.exists(path) and not os.path.isabs(path) and not path.startswith("."):
+            from ..hub import resolve_checkpoint_location
+
+            try:  # "namespace/name[@revision][/folder]": downloaded and verified against the Hub's hashes
+                return resolve_checkpoint_location(path)
+            except FileNotFoundError as err:
+                raise CheckpointError(f"{path}: no such checkpoint ({err}).") from err
         raise CheckpointError(f"{path}: no such checkpoint (expected a checkpoint directory, its {MANIFEST_NAME}, "
                               f"'latest', or a Hub repo id).")
 
@@ -908,25 +911,6 @@ class CheckpointManager:
         history.append({"kind": "resume", "step": trainer.state.global_step, "stage": run.stage.index,
                         "checkpoint": directory})
         self._rewrite_log()
-
-
-def _download(repo_id: str) -> str:
-    """Downloads a checkpoint from a Hub repo: its manifest, then exactly the files the manifest lists, as
-    plain files in a directory of their own (the Hub cache holds links), to be verified like a local one."""
-    from huggingface_hub import hf_hub_download, snapshot_download
-
-    local = tempfile.mkdtemp(prefix="stackwise-checkpoint-")
-    logger.info("Downloading checkpoint %s from the Hub to %s.", repo_id, local)
-    manifest_file = hf_hub_download(repo_id, MANIFEST_NAME, local_dir=local)
-    try:
-        with open(manifest_file, encoding="utf-8") as f:
-            files = sorted(json.load(f)["files"])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-        raise CorruptCheckpointError(f"{repo_id}/{MANIFEST_NAME}: not a valid checkpoint manifest ({err!r}).") from err
-    for rel in files:
-        checked_member(local, rel, f"{repo_id}/{MANIFEST_NAME}")
-    snapshot_download(repo_id, local_dir=local, allow_patterns=files)
-    return local
 
 
 def _entry(directory: Path, manifest: dict) -> dict:
