@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .fused_loss import chunked_linear_cross_entropy
+
 
 @dataclass
 class ObjectiveBatch:
@@ -28,6 +30,7 @@ class CausalLMObjective:
 
     name = "clm"
     attention_mode = "causal"
+    loss_chunk_size: int | None = None  # set by the trainer from TrainingArguments.loss_chunk_size
 
     def prepare(self, input_ids: torch.Tensor, stage_index: int, sample_ids: torch.Tensor | None = None,
                 evaluation: bool = False) -> ObjectiveBatch:
@@ -39,14 +42,18 @@ class CausalLMObjective:
 
     def loss(self, hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, weights=None):
         # hidden: (B, T, H) -> predict token t+1 from position t.
-        return token_cross_entropy(hidden[:, :-1], head, labels[:, 1:], weights)
+        return token_cross_entropy(hidden[:, :-1], head, labels[:, 1:], weights, self.loss_chunk_size)
 
 
-def token_cross_entropy(hidden, head, labels, weights=None) -> tuple[torch.Tensor, torch.Tensor]:
+def token_cross_entropy(hidden, head, labels, weights=None, chunk_size: int | None = None):
     """Mean cross-entropy over positions whose label is not -100, computed in float32.
 
-    Returns `(loss, n_positions)`; with `weights` (same shape as labels) the mean is weighted.
+    Returns `(loss, n_positions)`; with `weights` (same shape as labels) the mean is weighted. With
+    `chunk_size`, the head and the loss run chunk by chunk (`fused_loss.py`) so the full logits never
+    exist at once.
     """
+    if chunk_size:
+        return chunked_linear_cross_entropy(hidden, head.weight, labels, weights, chunk_size)
     logits = head(hidden.to(head.weight.dtype)).float()  # (B, T, V)
     losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
     mask = labels.flatten() != -100

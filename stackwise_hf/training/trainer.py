@@ -131,6 +131,10 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
         trainable = set_trainable(self.rack, stage)
         self.rack.base_model.stacks[stage.stack].gradient_checkpointing = config.gradient_checkpointing
         objective = build_objective(config.objective, **self._objective_kwargs(stage))
+        objective.loss_chunk_size = self.args.loss_chunk_size
+        if self.args.compile_blocks:
+            for block in self.rack.base_model.stacks[stage.stack].blocks:
+                block.compile()  # in place: the block stays compiled when later stages freeze it
         module = StageModule(self.rack, objective, first_trained_stack(self.rack, config.trains("embeddings")),
                              train_embeddings=config.trains("embeddings"))
         if config.trunk_mode == "cache":
