@@ -139,6 +139,7 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
                              train_embeddings=config.trains("embeddings"))
         if config.trunk_mode == "cache":
             self._sync_trunk_cache(stage, module, objective)
+        host_trunk = self._place_trunk(stage)
         optimizer = torch.optim.AdamW(optimizer_groups(self.rack, config.weight_decay), lr=config.learning_rate,
                                       **_fused_if_cuda(self.accelerator.device))
         sampler = EpochSampler(len(self.train_dataset), seed=self.args.seed * 1000 + stage.index)
@@ -146,8 +147,10 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
             IndexedBlocks(self.train_dataset), batch_size=self.args.per_device_train_batch_size, sampler=sampler,
             drop_last=True, num_workers=self.args.dataloader_num_workers,
         )
-        module, optimizer, loader = self.accelerator.prepare(module, optimizer, loader)
-        self._offload_trunk(stage)
+        # With the trunk on the host, `prepare` must not move the module (and the trunk) to the device.
+        module, optimizer, loader = self.accelerator.prepare(
+            module, optimizer, loader, device_placement=[not host_trunk, True, True]
+        )
         total_steps = self._total_steps(config, len(loader))
         # Not prepared: Accelerate's scheduler wrapper steps once per process; ours counts optimizer steps.
         scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
@@ -186,7 +189,6 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
 
     def exit_stage(self, run: StageRun) -> None:
         metrics = self.evaluate(run)
-        self._restore_trunk()
         if run.stage.config.merge_adapters:
             self._merge_stage_adapters(run.stage)
         summary = {
@@ -211,6 +213,11 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
     def finish(self) -> dict:
         """Saves the final rack (with adapters) and tokenizer, draws the plot, closes the trackers."""
         final_dir = os.path.join(self.args.output_dir, "final")
+        if self.trunk_cache is not None and self.trunk_cache.offloaded:
+            # The trunk was kept on the host: hand back a rack on one device rather than split across two.
+            logger.info("The frozen trunk was kept on the host; the trained rack is returned on the CPU.")
+            self.rack.to("cpu")
+            self.trunk_cache.offloaded = []
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.rack.save_rack(final_dir)
@@ -335,17 +342,23 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
             return None
         return self.trunk_cache.hidden(split, sample_ids, self.accelerator.device)
 
-    def _offload_trunk(self, stage: ResolvedStage) -> None:
-        # After `prepare` (which places the whole module on the device). Several processes keep the trunk
-        # where it is: DDP and FSDP expect every parameter of the wrapped module on the process's device.
-        device = torch.device(self.accelerator.device)
-        if (stage.config.trunk_mode == "cache" and self.trunk_cache.active and device.type != "cpu"
-                and self.accelerator.num_processes == 1):
-            self.trunk_cache.offload_trunk(self.rack, self.trunk_cache.depth, "cpu")
+    def _place_trunk(self, stage: ResolvedStage) -> bool:
+        """Puts the frozen trunk where the stage needs it; True when it stays on the host.
 
-    def _restore_trunk(self) -> None:
-        if self.trunk_cache is not None and self.trunk_cache.offloaded:
-            self.trunk_cache.restore_trunk(self.rack, self.accelerator.device)
+        In cache mode the trunk does not run during the stage, so on one process with an accelerator it
+        lives on the host and the device holds only the trained stacks, the head and the batch (the
+        cache itself streams one stack at a time to the device to extend). Several processes keep it on
+        the device: DDP and FSDP expect every parameter of the wrapped module there. A recompute stage
+        brings an offloaded trunk back.
+        """
+        cache = self.trunk_cache
+        host = (stage.config.trunk_mode == "cache" and cache is not None and cache.active
+                and torch.device(self.accelerator.device).type != "cpu" and self.accelerator.num_processes == 1)
+        if host:
+            cache.offload_trunk(self.rack, cache.depth, "cpu")
+        elif cache is not None and cache.offloaded:
+            cache.restore_trunk(self.rack, self.accelerator.device)
+        return host
 
     # Setup helpers ---------------------------------------------------------------------------------
 

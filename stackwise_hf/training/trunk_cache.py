@@ -109,6 +109,7 @@ class TrunkCache:
         self.stack_passes: list[int] = []  # every stack index run over the whole cache, in order
         self.offloaded: list[int] = []
         self.active = False  # False when the stage's trunk is empty (nothing to look up)
+        self._feeder = _PinnedFeeder()
         self._data_hashes: dict[tuple, str] = {}
         if self.directory is not None:
             self._open_directory()
@@ -178,55 +179,58 @@ class TrunkCache:
 
     @torch.no_grad()
     def _build(self, module, objective, stage_index, datasets, rows, device, autocast, fingerprint) -> None:
+        """Stores the embeddings of the (masked) inputs, then runs the trunk's stacks over them."""
         self._drop()
-        dtype = _output_dtype(module.rack, module.first_trained)
-        device = device or module.rack.get_input_embeddings().weight.device
-        was_training = module.training
-        module.eval()
-        try:
-            for split, data in datasets.items():
-                writer = self._writer(split, rows[split], dtype)
-                for start in range(0, rows[split], self.batch_size):
-                    stop = min(start + self.batch_size, rows[split])
-                    ids = _block_rows(data, start, stop).to(device)
-                    prepared = objective.prepare(ids, stage_index, torch.arange(start, stop, device=device),
-                                                 evaluation=split == "eval")
-                    with autocast():
-                        hidden = module.trunk_forward(prepared.input_ids)  # (b, T, H)
-                    writer.write(start, hidden.to(dtype))
-                self.stores[split] = writer.finish()
-        finally:
-            module.train(was_training)
-        self.stack_passes.extend(range(module.first_trained))
+        embed = module.rack.get_input_embeddings()
+        device = device or embed.weight.device
+        for split, data in datasets.items():
+            writer = self._writer(split, rows[split], embed.weight.dtype)
+            for start in range(0, rows[split], self.batch_size):
+                stop = min(start + self.batch_size, rows[split])
+                ids = _block_rows(data, start, stop).to(device)
+                prepared = objective.prepare(ids, stage_index, torch.arange(start, stop, device=device),
+                                             evaluation=split == "eval")
+                writer.write(start, embed(prepared.input_ids))  # (b, T, H)
+            self.stores[split] = writer.finish()
+        self._run_stacks(module.rack, 0, module.first_trained, device, autocast)
         self._commit(fingerprint)
 
     @torch.no_grad()
     def _extend(self, rack, start_stack: int, stop_stack: int, device, autocast, fingerprint) -> None:
-        body = rack.base_model
-        dtype = _output_dtype(rack, stop_stack)
-        device = device or body.embed_tokens.weight.device
         self.fingerprint = None
         if self.directory is not None:  # a cut-short extension must not leave a manifest claiming the old cache
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(self.directory, MANIFEST))
+        self._run_stacks(rack, start_stack, stop_stack, device or rack.get_input_embeddings().weight.device,
+                         autocast)
+        self._commit(fingerprint)
+
+    def _run_stacks(self, rack, start_stack: int, stop_stack: int, device, autocast) -> None:
+        """Replaces every cached row by the output of stacks `[start_stack, stop_stack)`, one stack at a
+        time over all rows. A stack kept on the host visits the device only for its own pass, so building
+        or extending the cache never needs the whole trunk on the device. Each stack's output is stored in
+        its dtype, which is what the next stack receives in a forward pass too."""
+        body = rack.base_model
         was_training = body.training
         body.eval()
         try:
-            for split, store in list(self.stores.items()):
-                writer = self._writer(split, store.rows, dtype, reuse=store if isinstance(store, _MemoryStore) else None)
-                for start in range(0, store.rows, self.batch_size):
-                    stop = min(start + self.batch_size, store.rows)
-                    hidden = store.slice(start, stop).to(device)
-                    with autocast():
-                        attention = body.attention_inputs(hidden)
-                        hidden = body.forward_stacks(hidden, start_stack, stop_stack, **attention)
-                    writer.write(start, hidden.to(dtype))
-                store.close()
-                self.stores[split] = writer.finish()
+            for i in range(start_stack, stop_stack):
+                stack = body.stacks[i]
+                with _on_device(stack, device):
+                    for split, store in list(self.stores.items()):
+                        reuse = store if isinstance(store, _MemoryStore) else None
+                        writer = self._writer(split, store.rows, stack.dtype, reuse=reuse)
+                        for start in range(0, store.rows, self.batch_size):
+                            stop = min(start + self.batch_size, store.rows)
+                            hidden = store.slice(start, stop).to(device)
+                            with autocast():
+                                hidden = stack(hidden, **body.attention_inputs(hidden))
+                            writer.write(start, hidden.to(stack.dtype))
+                        store.close()
+                        self.stores[split] = writer.finish()
+                self.stack_passes.append(i)
         finally:
             body.train(was_training)
-        self.stack_passes.extend(range(start_stack, stop_stack))
-        self._commit(fingerprint)
 
     def _writer(self, split: str, rows: int, dtype, reuse=None):
         if self.directory is None:
@@ -259,6 +263,8 @@ class TrunkCache:
         if self.fingerprint is None or split not in self.stores:
             raise StaleCacheError(f"the trunk cache holds no {split!r} split; call `sync` at the stage's start.")
         ids = torch.as_tensor(sample_ids).reshape(-1).cpu()
+        if device is not None and torch.device(device).type == "cuda":
+            return self._feeder(self.stores[split], ids, device)
         out = self.stores[split].gather(ids)
         return out.to(device) if device is not None else out
 
@@ -376,6 +382,21 @@ class TrunkCache:
         self.offloaded = []
 
 
+@contextlib.contextmanager
+def _on_device(module: torch.nn.Module, device):
+    """Runs the body with `module` on `device`, moving it there and back if it lives elsewhere."""
+    device = torch.device(device)
+    home = next(module.parameters()).device
+    if home.type == device.type and (device.index is None or home.index == device.index):
+        yield
+        return
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to(home)
+
+
 def _same_inputs(have: dict, wanted: dict) -> bool:
     return all(have.get(k) == wanted[k] for k in wanted if k != "stacks")
 
@@ -467,6 +488,35 @@ class _MemoryStore:
 
     def close(self) -> None:
         pass
+
+
+class _PinnedFeeder:
+    """Copies batches of cached rows to a CUDA device asynchronously.
+
+    Rows are gathered into one of two pinned host buffers and copied with `non_blocking=True`: the host
+    goes on launching the step while the copy runs, and the copy is queued on the compute stream before
+    the kernels that read it. A CUDA event per buffer keeps a buffer from being refilled before its
+    previous copy has finished.
+    """
+
+    def __init__(self):
+        self.buffers: list[torch.Tensor | None] = [None, None]
+        self.events: list = [None, None]
+        self.turn = 0
+
+    def __call__(self, store, ids: torch.Tensor, device) -> torch.Tensor:
+        i, self.turn = self.turn, self.turn ^ 1
+        if self.events[i] is not None:
+            self.events[i].synchronize()
+        rows = store.gather(ids)  # (B, T, H) on the host
+        buffer = self.buffers[i]
+        if buffer is None or buffer.shape != rows.shape or buffer.dtype != rows.dtype:
+            buffer = self.buffers[i] = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        buffer.copy_(rows)
+        out = buffer.to(device, non_blocking=True)
+        self.events[i] = torch.cuda.Event()
+        self.events[i].record()
+        return out
 
 
 class _MemoryWriter:
