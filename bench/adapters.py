@@ -19,9 +19,10 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
+
+import _common
 
 VARIANTS = ("full", "lora", "lora-lowp")
 
@@ -129,11 +130,7 @@ def _rss_bytes() -> int:
 
 
 def run_variant(argv: list[str], variant: str) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), *argv, "--child", variant]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"variant {variant} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return _common.run_child([os.path.abspath(__file__), *argv, "--child", variant], label=f"variant {variant}")
 
 
 def print_table(args, results: list[dict]) -> None:

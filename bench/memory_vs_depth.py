@@ -27,9 +27,10 @@ import datetime
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
+
+from _common import DOCS, run_child, write_section
 
 MODES = ("e2e", "recompute", "cache")
 SECTION = "memory_vs_depth"
@@ -152,16 +153,13 @@ def main() -> None:
             parser.error(f"depth {depth} is not a multiple of --blocks-per-stack {args.blocks_per_stack}")
         for mode in MODES:
             shape = ["blocks_per_stack", "hidden", "ffn", "heads", "kv_heads", "vocab", "seq", "batch", "steps", "threads"]
-            cmd = [sys.executable, __file__, "--worker", "--depth", str(depth), "--mode", mode]
+            cmd = [__file__, "--worker", "--depth", str(depth), "--mode", mode]
             cmd += [x for name in shape for x in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]
             cmd += ["--bf16"] if args.bf16 else []
             # Every allocation from 128 KiB up is its own mapping, returned to the system when freed: RSS then
             # follows live tensors instead of what glibc's heap keeps after a free (the dropped trunk).
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_="131072")
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if out.returncode:
-                sys.exit(f"worker {depth}/{mode} failed:\n{out.stderr[-3000:]}")
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append(run_child(cmd, env, f"worker {depth}/{mode}"))
             print(f"  measured depth {depth:>3} {mode:<9}", file=sys.stderr)
     text = table(rows)
     print(text)
@@ -169,8 +167,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     if args.docs:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "docs", "benchmarks.md")
-        write_section(path, SECTION, section_text(text, rows, args))
+        write_section(os.path.join(DOCS, "benchmarks.md"), SECTION, section_text(text, rows, args))
 
 
 def table(rows: list[dict]) -> str:
@@ -218,19 +215,6 @@ def section_text(table_text: str, rows: list[dict], args) -> str:
         table_text,
         "",
     ])
-
-
-def write_section(path: str, name: str, body: str) -> None:
-    """Replaces this script's section of `path` (between its markers), or appends it; other sections stay."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
-    block = f"{start}\n{body.rstrip()}\n{end}\n"
-    if start in text and end in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end) + 1:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,11 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
+
+from _common import DOCS, run_child, write_section
 
 # A run is (objective, kind); another kind registers here with a function building its experiment.
 OBJECTIVES = ("clm", "masked_diffusion")
@@ -126,19 +127,15 @@ def main() -> None:
     passthrough = [a for a in sys.argv[1:] if a != "--docs"]
     for objective in args.objectives:
         for kind in KINDS:
-            cmd = [sys.executable, __file__, "--worker", "--objective", objective, "--kind", kind, *passthrough]
+            cmd = [__file__, "--worker", "--objective", objective, "--kind", kind, *passthrough]
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if out.returncode:
-                sys.exit(f"{objective}/{kind} failed:\n{out.stderr[-4000:]}")
-            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            results.append(run_child(cmd, env, f"{objective}/{kind}"))
             print(f"  {objective:<17} {kind:<12} {results[-1]['seconds']:.0f} s", file=sys.stderr)
     text = table(results, args)
     print(text)
     if args.docs:
-        root = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "docs")
-        plot(results, os.path.join(root, "progressive_vs_e2e.png"))
-        write_section(os.path.join(root, "benchmarks.md"), SECTION, section_text(text, results))
+        plot(results, os.path.join(DOCS, "progressive_vs_e2e.png"))
+        write_section(os.path.join(DOCS, "benchmarks.md"), SECTION, section_text(text, results))
 
 
 def table(results: list[dict], args) -> str:
@@ -207,19 +204,6 @@ def section_text(table_text: str, results: list[dict]) -> str:
         "![held-out loss against tokens](progressive_vs_e2e.png)",
         "",
     ])
-
-
-def write_section(path: str, name: str, body: str) -> None:
-    """Replaces this script's section of `path` (between its markers), or appends it; other sections stay."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
-    block = f"{start}\n{body.rstrip()}\n{end}\n"
-    if start in text and end in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end) + 1:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 if __name__ == "__main__":
