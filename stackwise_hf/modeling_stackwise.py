@@ -334,7 +334,32 @@ def _build_attention_mask(attention_mask, causal: bool, seq_len: int, past: int,
     return mask
 
 
-class StackWiseForCausalLM(StackWisePreTrainedModel, GenerationMixin):
+class StackWiseLMHeadModel(StackWisePreTrainedModel):
+    """The rack plus an LM head over the final hidden states (weights tied when the config says so);
+    the heads below differ in attention mode and loss."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    attention_mode: str  # the `config.attention_mode` a head requires
+
+    def __init__(self, config: StackWiseConfig):
+        super().__init__(config)
+        if config.attention_mode != self.attention_mode:
+            raise ValueError(
+                f"{type(self).__name__} needs `attention_mode={self.attention_mode!r}`; got "
+                f"{config.attention_mode!r} (StackWiseForCausalLM is causal, StackWiseForMaskedLM bidirectional)."
+            )
+        self.model = StackWiseModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+
+class StackWiseForCausalLM(StackWiseLMHeadModel, GenerationMixin):
     """The rack with a causal LM head; generates with a KV cache.
 
     Example:
@@ -352,24 +377,7 @@ class StackWiseForCausalLM(StackWisePreTrainedModel, GenerationMixin):
     ```
     """
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: StackWiseConfig):
-        super().__init__(config)
-        if config.attention_mode != "causal":
-            raise ValueError(
-                f"StackWiseForCausalLM needs `attention_mode='causal'`; got {config.attention_mode!r} "
-                "(use StackWiseForMaskedLM for bidirectional racks)."
-            )
-        self.model = StackWiseModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
+    attention_mode = "causal"
 
     def forward(
         self,
@@ -410,7 +418,7 @@ class StackWiseForCausalLM(StackWisePreTrainedModel, GenerationMixin):
         )
 
 
-class StackWiseForMaskedLM(StackWisePreTrainedModel):
+class StackWiseForMaskedLM(StackWiseLMHeadModel):
     """The rack with bidirectional attention and an LM head over every position, for masked LM and
     masked-diffusion objectives. Labels are -100 except at the masked positions.
 
@@ -427,23 +435,7 @@ class StackWiseForMaskedLM(StackWisePreTrainedModel):
     ```
     """
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: StackWiseConfig):
-        super().__init__(config)
-        if config.attention_mode != "bidirectional":
-            raise ValueError(
-                f"StackWiseForMaskedLM needs `attention_mode='bidirectional'`; got {config.attention_mode!r}."
-            )
-        self.model = StackWiseModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
+    attention_mode = "bidirectional"
 
     def forward(
         self,
