@@ -762,7 +762,8 @@ def save_adapters(rack, path: str | os.PathLike) -> str:
         os.remove(manifest_file)
     for folder in previous - set(live):
         _remove_adapter_folder(os.path.join(directory, folder))
-    logger.info("Saved adapters %s (%d merged) to %s", live, len(entries) - len(live), directory)
+    if entries:
+        logger.info("Saved adapters %s (%d merged) to %s", live, len(entries) - len(live), directory)
     return directory
 
 
