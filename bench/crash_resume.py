@@ -44,7 +44,7 @@ def complete_checkpoints(checkpoints: Path) -> set[str]:
 
 
 def damaged(checkpoints: Path, names) -> list[str]:
-    from stackwise_hf.training.checkpointing import verify_checkpoint
+    from stackwise_hf.training.checkpoint_format import verify_checkpoint
     from stackwise_hf.errors import CheckpointError
 
     bad = []
