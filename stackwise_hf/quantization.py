@@ -268,7 +268,7 @@ def save_quantized_rack(rack, path, max_shard_size="5GB") -> str:
 
     rack.save_pretrained(path, state_dict=quantized_state_dict(rack), max_shard_size=max_shard_size)
     if is_peft_available():
-        from .adapters import save_adapters
+        from .adapter_files import save_adapters
 
         save_adapters(rack, path)
     from safetensors.torch import save_file
@@ -321,7 +321,7 @@ def load_quantized_rack(rack, path, backend: str | None = None) -> dict[int, dic
                     _restore_codes(layer, {k[len(prefix):]: v for k, v in codes.items() if k.startswith(prefix)},
                                    f"{file}: {name}")
     if is_peft_available():
-        from .adapters import load_adapters, manifest_exists
+        from .adapter_files import load_adapters, manifest_exists
 
         if manifest_exists(resolver_for(path)):
             load_adapters(rack, path, replace=True)

@@ -64,7 +64,7 @@ ACTIVATION_CACHE_DIR = "activation_cache"
 PREFIX = "checkpoint-"
 TMP_SUFFIX = ".tmp"
 _NAME = re.compile(r"^checkpoint-\d{8,}(?:-\d+)?$")
-_ADAPTER_MANIFEST = "adapters/stackwise_adapters.json"  # adapters.MANIFEST_PATH, without importing peft
+_ADAPTER_MANIFEST = "adapters/stackwise_adapters.json"  # adapter_files.MANIFEST_PATH, without importing peft
 _REQUIRED = (TRAINER_STATE_NAME, RUN_STATE_NAME, f"{RACK_DIR}/config.json", f"{RACK_DIR}/{serialization.INDEX_NAME}")
 
 
