@@ -242,9 +242,7 @@ class _MaskedObjective:
 
     def loss(self, hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, weights=None):
         # hidden: (B, T, H); a masked position predicts its own token (no shift).
-        if self.loss_chunk_size:
-            return token_cross_entropy(hidden, head, labels, weights, self.loss_chunk_size)
-        return token_cross_entropy(hidden, head, labels, weights)
+        return token_cross_entropy(hidden, head, labels, weights, self.loss_chunk_size)
 
     def _select(self, u: torch.Tensor, ratio: float) -> torch.Tensor:
         selected = u < ratio
