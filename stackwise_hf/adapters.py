@@ -376,6 +376,16 @@ def _inject(rack, name: str, config: LoraConfig, weights: dict[str, torch.Tensor
             )
 
 
+def add_adapters_like(rack, reference) -> list[str]:
+    """Injects into `rack` (same architecture) every adapter `reference` has, with the same peft configs
+    and fresh weights: the structure a state dict of `reference` loads into. Returns the names."""
+    names = adapter_names(reference)
+    with _base_requires_grad_kept(rack):
+        for name in names:
+            _inject(rack, name, _peft_config(reference)[name])
+    return names
+
+
 @contextlib.contextmanager
 def _base_requires_grad_kept(rack):
     """Restores every base (non-adapter) weight's `requires_grad` on leaving the block."""

@@ -106,6 +106,8 @@ def test_schedule_errors_name_the_stage():
         ({"max_steps": 1, "train": ["stak"]}, "stak"),
         ({"max_steps": 1, "objective": "gpt"}, "`objective`"),
         ({"max_step": 1}, r"unknown StageConfig field\(s\) \['max_step'\]"),
+        ({"max_steps": 1, "stack_adapter": {"rank": 4}}, r"`stack_adapter`: Unknown adapter setting\(s\) \['rank'\]"),
+        ({"max_steps": 1, "trunk_adapter": 8}, "`trunk_adapter` must be a mapping"),
     ],
 )
 def test_bad_stage_fields(tmp_path, stage, message):

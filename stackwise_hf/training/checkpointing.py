@@ -63,6 +63,7 @@ from .checkpoint_format import (
     verify_checkpoint,
     write_state,
 )
+from .fsdp import uses_fsdp
 from .state import TrainerState
 
 logger = logging.getLogger(__name__)
@@ -512,6 +513,9 @@ class CheckpointManager:
                            pending.directory, pending.stage, run.stage.index)
             return
         directory = pending.directory
+        if uses_fsdp(accelerator):
+            raise CheckpointError(f"{directory}: a mid-stage checkpoint cannot be resumed under FSDP (its optimizer "
+                                  "state would have to be sharded); resume from a stage-end checkpoint.")
         if not os.path.isfile(os.path.join(directory, "optimizer.json")):
             raise CheckpointError(f"{directory}: a mid-stage checkpoint without optimizer state cannot be resumed.")
         load_optimizer(run.optimizer, trainer.rack, directory)

@@ -20,6 +20,7 @@ import torch
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
+from .fsdp import unshard_rack, uses_fsdp
 from .objectives import CausalLMObjective
 from .schedule import ResolvedStage, StageConfig
 from .stage import StageModule, count_parameters, first_trained_stack, optimizer_groups, set_trainable
@@ -115,6 +116,9 @@ class DirectTrainingMixin:
             self.run_log.record("stage_start", state.global_step, stage=stack, stage_name=config.name, stack=stack,
                                 stack_sizes=list(rack.config.stack_sizes), **count_parameters(rack))
         losses = self._direct_loop(run)
+        if uses_fsdp(accelerator):  # the caller's rack gets plain weights back (see fsdp.py)
+            unshard_rack(rack, run.module)
+            rack.to(accelerator.device)
         history = self.run_log.history
         first = next((r["loss"] for r in history if r["kind"] == "train" and r.get("stage") == stack), None)
         final = next((r["loss"] for r in reversed(history) if r["kind"] == "train"), None)

@@ -110,6 +110,10 @@ class StageConfig:
             self.stack_adapter = {}
         if "trunk_adapter" in self.train and self.trunk_adapter is None:
             self.trunk_adapter = {}
+        for field_name in ("stack_adapter", "trunk_adapter"):
+            settings = getattr(self, field_name)
+            if settings is not None:
+                _check_adapter_settings(field_name, settings)
         if self.mask_ratio is not None and not 0 < self.mask_ratio <= 1:
             raise ValueError(f"`mask_ratio` must be in (0, 1]; got {self.mask_ratio!r}.")
         if self.stack is not None and (isinstance(self.stack, bool) or not isinstance(self.stack, int)):
@@ -117,6 +121,18 @@ class StageConfig:
 
     def trains(self, part: str) -> bool:
         return part in self.train or "all" in self.train
+
+
+def _check_adapter_settings(field_name: str, settings) -> None:
+    """A bad adapter field fails when the schedule is read, not when its stage starts."""
+    from ..adapters import AdapterSettings
+
+    if not isinstance(settings, dict):
+        raise ValueError(f"`{field_name}` must be a mapping of adapter settings; got {settings!r}.")
+    try:
+        AdapterSettings.from_dict(settings)
+    except ValueError as error:
+        raise ValueError(f"`{field_name}`: {error}") from error
 
 
 @dataclass(frozen=True)

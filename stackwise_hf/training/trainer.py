@@ -3,8 +3,8 @@
 The algorithm, in `train()`: for each stage of the schedule, enter it (grow the rack, attach adapters,
 freeze everything but what the stage trains, build the optimizer and LR schedule over exactly the
 trainable parameters, `accelerator.prepare`), run it (a plain PyTorch loop with `accumulate` /
-`backward` / clipping), and leave it (evaluate, save, free the stage's objects). The trainer is the
-only module of the library that imports Accelerate.
+`backward` / clipping), and leave it (evaluate, save, free the stage's objects). Accelerate is
+imported only by the `training` package.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from .arguments import TrainingArguments
 from .checkpointing import CheckpointingMixin
 from .direct import DirectTrainingMixin
 from .experiment import ExperimentConfig
+from .fsdp import check_fsdp_support, unshard_rack, uses_fsdp
 from .objectives import build_objective
 from .schedule import ResolvedStage, StageConfig, resolve_schedule
 from .stage import StageModule, count_parameters, first_trained_stack, grow_for_stage, optimizer_groups, set_trainable
@@ -90,6 +91,7 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
             log_with=resolve_trackers(self.args.report_to) or None,
             project_dir=self.args.output_dir,
         )
+        check_fsdp_support(self.accelerator, self.args)
         self.state = TrainerState()
         self.run_log = RunLog(self.accelerator, self.args.output_dir)
         self.schedule: list[ResolvedStage] = []
@@ -189,6 +191,9 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
 
     def exit_stage(self, run: StageRun) -> None:
         metrics = self.evaluate(run)
+        if uses_fsdp(self.accelerator):  # plain weights again before merging, saving or growing
+            unshard_rack(self.rack, run.module)
+            self.rack.to(self.accelerator.device)
         if run.stage.config.merge_adapters:
             self._merge_stage_adapters(run.stage)
         summary = {
@@ -285,15 +290,16 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
         module.eval()
         device = self.accelerator.device
         total, count = torch.zeros((), device=device, dtype=torch.float64), torch.zeros((), device=device)
-        batches = self._eval_loader()
-        for batch in batches:
+        batches, counted = self._eval_loader()
+        for i, batch in enumerate(batches):
             prepared = run.objective.prepare(batch["input_ids"].to(device), run.stage.index,
                                              batch["sample_id"].to(device), evaluation=True)
             with self.accelerator.autocast():
                 loss, n = module(prepared.input_ids, prepared.labels, prepared.weights,
                                  trunk_hidden=self._trunk_hidden(run, "eval", batch["sample_id"]))
-            total += loss.double() * n
-            count += n
+            if i < counted:
+                total += loss.double() * n
+                count += n
         module.train()
         total, count = self.accelerator.reduce(total, "sum"), self.accelerator.reduce(count, "sum")
         loss = (total / count.clamp(min=1)).item()
@@ -305,15 +311,21 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
                     loss, metrics["perplexity"])
         return metrics
 
-    def _eval_loader(self) -> DataLoader:
+    def _eval_loader(self) -> tuple[DataLoader, int]:
+        """This process's eval batches (every `num_processes`-th) and how many of them count. Under FSDP
+        every process must run the same number of forward passes (they gather shards together), so a
+        process with fewer batches repeats the first batch, uncounted."""
         blocks = IndexedBlocks(self.eval_dataset)
-        batch = self.args.per_device_eval_batch_size
-        n_batches = math.ceil(len(blocks) / batch)
+        size = self.args.per_device_eval_batch_size
+        n_batches = math.ceil(len(blocks) / size)
         if self.args.max_eval_batches:
             n_batches = min(n_batches, self.args.max_eval_batches)
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        mine = [i for b in range(rank, n_batches, world) for i in range(b * batch, min((b + 1) * batch, len(blocks)))]
-        return DataLoader(blocks, batch_size=batch, sampler=mine)
+        mine = [list(range(b * size, min((b + 1) * size, len(blocks)))) for b in range(rank, n_batches, world)]
+        counted = len(mine)
+        if uses_fsdp(self.accelerator):
+            mine += [list(range(min(size, len(blocks))))] * (math.ceil(n_batches / world) - counted)
+        return DataLoader(blocks, batch_sampler=mine), counted
 
     # Trunk cache (`trunk_mode: cache`) -------------------------------------------------------------
 
@@ -502,3 +514,4 @@ def _flat_config(experiment: ExperimentConfig) -> dict:
                  if (v := getattr(experiment.model, k)) is not None})
     flat["stages"] = len(experiment.stages)
     return flat
+

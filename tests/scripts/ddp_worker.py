@@ -1,5 +1,11 @@
-"""Worker for the multi-process test: trains a tiny rack with the given config on synthetic blocks and
-writes, per rank, the process count and a hash of the final weights to <out>/rank<k>.json."""
+"""Worker for the multi-process tests: trains a tiny rack with the given config on synthetic blocks and
+writes, per rank, the process count and a hash of the final weights to <out>/rank<k>.json.
+
+With a third argument `fsdp` the stage module is sharded with Accelerate's FSDP2 path. Accelerate turns
+FSDP on only for accelerator machines (on the CPU its state says MULTI_CPU and ignores the plugin), so
+the worker relabels the state as MULTI_GPU first: everything after that - `fsdp2_prepare_model`,
+`fully_shard` of each stack over gloo, DTensor gradients and clipping - is the real code path.
+"""
 
 import hashlib
 import json
@@ -13,10 +19,36 @@ from tiny import synthetic_blocks  # noqa: E402
 from stackwise_hf.training import ExperimentConfig, ProgressiveTrainer  # noqa: E402
 
 
-def main(config_path: str, out_dir: str) -> None:
+def fsdp_accelerator():
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    PartialState(cpu=True).distributed_type = DistributedType.MULTI_GPU
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["StackWiseStack"],
+        state_dict_type="FULL_STATE_DICT", reshard_after_forward=True,
+    )
+    return Accelerator(fsdp_plugin=plugin)
+
+
+def main(config_path: str, out_dir: str, mode: str = "ddp") -> None:
     torch.set_num_threads(1)
     experiment = ExperimentConfig.from_yaml(config_path)
-    trainer = ProgressiveTrainer(experiment, train_dataset=synthetic_blocks(64), eval_dataset=synthetic_blocks(16, seed=1))
+    accelerator = fsdp_accelerator() if mode == "fsdp" else None
+    trainer = ProgressiveTrainer(experiment, train_dataset=synthetic_blocks(64), eval_dataset=synthetic_blocks(20, seed=1),
+                                 accelerator=accelerator)
+    sharded = []  # per stage: the stacks `prepare` made FSDP units
+    enter = trainer.enter_stage
+
+    def enter_and_record(stage):
+        run = enter(stage)
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded.append([i for i, s in enumerate(trainer.rack.base_model.stacks) if isinstance(s, FSDPModule)])
+        return run
+
+    trainer.enter_stage = enter_and_record
     result = trainer.train()
     digest = hashlib.sha256()
     for name, tensor in sorted(trainer.rack.state_dict().items()):
@@ -25,8 +57,10 @@ def main(config_path: str, out_dir: str) -> None:
     rank = trainer.accelerator.process_index
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump({"rank": rank, "num_processes": trainer.accelerator.num_processes, "sha256": digest.hexdigest(),
-                   "final_loss": result["final_loss"], "eval_loss": result["eval_loss"]}, f)
+                   "distributed_type": str(trainer.accelerator.distributed_type), "sharded_stacks": sharded,
+                   "final_loss": result["final_loss"], "eval_loss": result["eval_loss"],
+                   "stage_eval": [s["eval_loss"] for s in result["stages"]]}, f)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])
