@@ -598,6 +598,11 @@ def merge_stack_adapter(rack, name: str) -> dict:
         The merge record: `describe_adapter`'s dict with `merged=True`.
     """
     record = {**describe_adapter(rack, name), "merged": True}
+    from .quantization import quantized_stacks
+
+    if quantized := sorted(set(record["stacks"]) & set(quantized_stacks(rack))):
+        raise ValueError(f"adapter {name!r} covers quantized stack(s) {quantized}: merging into 8/4-bit weights is "
+                         "not supported; keep the adapter (it is saved with the rack) or merge before quantizing.")
     with torch.no_grad():
         for _, layer in _lora_layers(rack):
             if name in layer.lora_A:

@@ -301,7 +301,7 @@ def _replay(config: StackWiseConfig, schedule: list[ResolvedStage]) -> list[list
         if c.trunk_dtype is not None:
             for s in trunk:
                 s.dtype = c.trunk_dtype
-        quantization = getattr(c, "trunk_quantization", None)
+        quantization = c.trunk_quantization
         if quantization is not None:
             for s in trunk:
                 s.quantized = quantization
@@ -663,7 +663,7 @@ def settings_for_stage(experiment, stage: ResolvedStage, device_type: str = "cud
     """The `PlanSettings` a stage of `experiment` runs with (cache mode keeps the trunk on the host,
     as the trainer does on one process)."""
     training, c = experiment.training, stage.config
-    quantization = getattr(c, "trunk_quantization", None)
+    quantization = c.trunk_quantization
     fields = dict(
         micro_batch=training.per_device_train_batch_size, seq_len=experiment.data.block_size,
         mixed_precision=training.mixed_precision, loss_chunk_size=getattr(training, "loss_chunk_size", None),

@@ -151,7 +151,11 @@ class RackMixin:
         self.config.save_pretrained(save_directory)
         if self.can_generate():
             self.generation_config.save_pretrained(save_directory)
-        weights = serialization.rack_state_dict(self) if state_dict is None else state_dict
+        if state_dict is None:
+            from .quantization import quantized_state_dict  # quantized stacks: dequantized, in their dtype
+
+            state_dict = quantized_state_dict(self)
+        weights = state_dict
         serialization.save_weights(
             weights, save_directory, max_shard_size, stack_meta=self._stack_meta(), total_parameters=self.num_parameters()
         )
@@ -233,7 +237,15 @@ class RackMixin:
 
     def save_rack(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> str:
         """Saves the complete rack: weights (`save_pretrained` layout) plus every adapter in peft format
-        under `adapters/<name>/` with a manifest. Returns the directory."""
+        under `adapters/<name>/` with a manifest. A rack with quantized stacks also writes their exact
+        codes and `quantization.json` (`quantization.save_quantized_rack`). Returns the directory."""
+        from . import quantization
+
+        if quantization.quantized_stacks(self):
+            return quantization.save_quantized_rack(self, path, max_shard_size=max_shard_size)
+        stale = os.path.join(path, quantization.MANIFEST_NAME)
+        if os.path.isfile(stale):  # the directory held a quantized rack before: this one is not
+            os.remove(stale)
         self.save_pretrained(path, max_shard_size=max_shard_size)
         # Also without live adapters: the manifest then records merges, or a stale one is removed.
         adapters = _adapters_module()
@@ -244,7 +256,16 @@ class RackMixin:
         return os.fspath(path)
 
     def load_rack(self, path: str | os.PathLike, **hub_kwargs) -> bool:
-        """Restores a rack saved with `save_rack` in place: weights, stack layout, dtypes and adapters."""
+        """Restores a rack saved with `save_rack` in place: weights, stack layout, dtypes and adapters,
+        and a local directory's quantized stacks (`quantization.json`), quantized again to the saved codes."""
+        from . import quantization
+
+        if quantization.quantized_stacks(self):
+            raise ValueError(f"{path}: load into a rack without quantized stacks (this one has "
+                             f"{sorted(quantization.quantized_stacks(self))}); their weights cannot be overwritten.")
+        if os.path.isfile(os.path.join(path, quantization.MANIFEST_NAME)):
+            quantization.load_quantized_rack(self, path)
+            return True
         self.load_rack_weights(path, **hub_kwargs)
         resolve = serialization.resolver_for(path, **hub_kwargs)
         adapters = _adapters_module()

@@ -17,7 +17,7 @@ import yaml
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
-from stackwise_hf.training import TrainingArguments
+from stackwise_hf.training import StageConfig, TrainingArguments
 from stackwise_hf.training.fsdp import check_fsdp_support
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +77,14 @@ def test_fsdp_settings_the_trainer_cannot_honour_are_refused(fsdp2, save_interva
     with pytest.raises(ValueError, match=message):
         check_fsdp_support(accelerator, TrainingArguments(save_interval=save_interval))
     check_fsdp_support(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU), TrainingArguments(save_interval=10))
+
+
+def test_a_quantized_trunk_under_fsdp_is_refused():
+    accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True)
+    stages = [StageConfig(max_steps=1), StageConfig(name="q", grow="append", n_blocks=1, max_steps=1,
+                                                    trunk_quantization="int8")]
+    with pytest.raises(ValueError, match=r"\['q'\]: `trunk_quantization` under FSDP is not supported"):
+        check_fsdp_support(accelerator, TrainingArguments(), stages)
 
 
 def _torchrun(tmp_path, config: dict, mode: str) -> list[dict]:

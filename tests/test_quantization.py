@@ -114,3 +114,93 @@ def test_trunk_off_the_device_streams_one_stack_at_a_time(monkeypatch):
             seen.append((i, list(moves)))
     assert seen == [(0, [(0, "cuda")]), (1, [(0, "cuda"), (0, "cpu"), (1, "cuda")])]
     assert moves[-1] == (1, "cpu")
+
+
+# The `trunk_quantization` stage field: the trainer quantizes the frozen trunk on stage entry ---------------
+
+TORCHAO = pytest.mark.skipif(backend_available("torchao") is not None, reason=str(backend_available("torchao")))
+QUANTIZED_SCHEDULE = [
+    {"max_steps": 3},
+    {"grow": "append", "n_blocks": 1, "max_steps": 3, "trunk_quantization": "int8"},
+    {"grow": "append", "n_blocks": 1, "max_steps": 3, "trunk_quantization": "int8", "trunk_mode": "cache",
+     "stack_adapter": {"r": 4}, "train": ["stack_adapter", "head"]},
+]
+
+
+def _quantized_trainer(tmp_path, **training):
+    from stackwise_hf.training import ProgressiveTrainer
+    from tiny import synthetic_blocks, tiny_experiment
+
+    return ProgressiveTrainer(tiny_experiment(tmp_path, QUANTIZED_SCHEDULE, **training),
+                              train_dataset=synthetic_blocks(32), eval_dataset=synthetic_blocks(8, seed=1))
+
+
+def _plain_weights(rack):
+    from stackwise_hf.quantization import quantized_state_dict
+
+    return {k: v.clone() for k, v in quantized_state_dict(rack).items()}
+
+
+@TORCHAO
+@pytest.mark.filterwarnings("ignore:TorchaoLoraLinear was instantiated")
+def test_trunk_quantization_stages_train_save_and_resume_exactly(tmp_path):
+    from stackwise_hf import StackWiseForCausalLM
+    from tiny import state_dicts_equal
+
+    trainer = _quantized_trainer(tmp_path / "a")
+    trainer.setup()
+    codes = {}
+    for stage in trainer.schedule:
+        run = trainer.enter_stage(stage)
+        if stage.index == 2:  # the stack quantized at stage 1 is still frozen, codes untouched
+            assert sorted(quantized_stacks(trainer.rack)) == [0, 1]
+            codes = _trunk_codes(trainer.rack, 0)
+        trainer.run_stage(run)
+        trainer.exit_stage(run)
+    assert all(torch.equal(v, _trunk_codes(trainer.rack, 0)[k]) for k, v in codes.items())
+    result = trainer.finish()
+    assert sorted(read_quantization_manifest(result["output_dir"])) == [0, 1]
+
+    reloaded = StackWiseForCausalLM(trainer.rack.config.__class__.from_pretrained(result["output_dir"]))
+    reloaded.load_rack(result["output_dir"])
+    ids = tokens(vocab=96)
+    assert sorted(quantized_stacks(reloaded)) == [0, 1]
+    assert torch.equal(reloaded.eval()(ids).logits, trainer.rack.eval()(ids).logits)
+
+    # Resuming from the end of stage 1 (trunk quantized) reaches the same weights bit for bit.
+    stage_1 = next(c for c in trainer.list_checkpoints() if c["stage"] == 1 and c["kind"] == "stage_end")
+    resumed = _quantized_trainer(tmp_path / "b", resume_from_checkpoint=stage_1["path"])
+    resumed.train()
+    assert sorted(quantized_stacks(resumed.rack)) == [0, 1]
+    assert state_dicts_equal(_plain_weights(resumed.rack), _plain_weights(trainer.rack))
+
+
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        ([{"max_steps": 1, "trunk_quantization": "int4"}], "`trunk_quantization`"),
+        ([{"max_steps": 1}, {"grow": "append", "n_blocks": 1, "max_steps": 1, "trunk_quantization": "int8"},
+          {"max_steps": 1, "stack": 0}], r"stages\[2\] \(stage_2\) trains stack 0, which an earlier stage quantized"),
+        ([{"max_steps": 1}, {"grow": "append", "n_blocks": 1, "max_steps": 1, "trunk_quantization": "int8"},
+          {"max_steps": 1, "train": ["all"]}], r"trains `all`, but stacks \[0\] are quantized"),
+        ([{"max_steps": 1}, {"grow": "prepend", "n_blocks": 1, "max_steps": 1, "trunk_quantization": "nf4",
+                             "trunk_adapter": {"r": 2}, "train": ["stack", "trunk_adapter"], "merge_adapters": True}],
+         r"merge the trunk adapter.*stacks \[1\] are quantized"),
+    ],
+)
+def test_schedules_that_would_train_or_merge_into_a_quantized_stack_are_refused(tmp_path, stages, message):
+    from stackwise_hf.training import resolve_schedule
+    from tiny import tiny_experiment
+
+    with pytest.raises(ValueError, match=message):
+        resolve_schedule(tiny_experiment(tmp_path, stages).stages, [1])
+
+
+@TORCHAO
+def test_merging_an_adapter_into_quantized_weights_is_refused():
+    rack = tiny_rack(**SHAPE)
+    adapters.add_trunk_adapter(rack, [0, 1], {"r": 2})
+    quantize_stacks(rack, [0], bits=8)
+    with pytest.raises(ValueError, match=r"adapter 'trunk' covers quantized stack\(s\) \[0\]"):
+        adapters.merge_stack_adapter(rack, "trunk")
+    assert "trunk" in adapters.adapter_names(rack)

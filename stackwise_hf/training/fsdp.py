@@ -36,7 +36,7 @@ def uses_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def check_fsdp_support(accelerator, args) -> None:
+def check_fsdp_support(accelerator, args, stages=()) -> None:
     """Refuses, before training, the FSDP settings this trainer cannot honour."""
     if not uses_fsdp(accelerator):
         return
@@ -51,6 +51,10 @@ def check_fsdp_support(accelerator, args) -> None:
             "which this trainer does not gather yet under FSDP; leave `save_interval` unset (a checkpoint is still "
             "written at the end of every stage)."
         )
+    quantized = [stage.name or f"stages[{k}]" for k, stage in enumerate(stages) if stage.trunk_quantization]
+    if quantized:
+        raise ValueError(f"{quantized}: `trunk_quantization` under FSDP is not supported (quantized weights do not "
+                         "shard as DTensors here); use one process, DDP, or `trunk_dtype` instead.")
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ INITS = ("random", "copy", "identity")
 TRAIN_PARTS = ("stack", "head", "embeddings", "stack_adapter", "trunk_adapter", "all")
 OBJECTIVES = ("clm", "mlm", "masked_diffusion", "depth_as_time")
 TRUNK_MODES = ("recompute", "cache")
+TRUNK_QUANTIZATIONS = ("int8", "nf4")
 
 
 @dataclass
@@ -43,6 +44,9 @@ class StageConfig:
             trunk adapter is merged into the weights first (a ReLoRA-style cycle).
         merge_adapters (`bool`): fold the stage's adapters into the base weights when the stage ends.
         trunk_dtype (`str`, *optional*): cast the frozen stacks to this dtype when the stage starts.
+        trunk_quantization (`str`, *optional*): "int8" or "nf4": quantize the frozen stacks' projections
+            when the stage starts (`stackwise_hf.quantization`, QLoRA-style; adapters train on top). A
+            quantized stack stays quantized: later stages may not train it, nor merge adapters into it.
         trunk_mode (`str`): "recompute" (frozen trunk forward every step) or "cache" (trunk output
             computed once and reused).
         objective (`str`): "clm", "mlm", "masked_diffusion" or "depth_as_time".
@@ -68,6 +72,7 @@ class StageConfig:
     trunk_adapter: dict[str, Any] | None = None
     merge_adapters: bool = False
     trunk_dtype: str | None = None
+    trunk_quantization: str | None = None
     trunk_mode: str = "recompute"
     objective: str = "clm"
     mask_ratio: float | None = None
@@ -83,6 +88,8 @@ class StageConfig:
         check_choice("grow", self.grow, GROW)
         check_choice("init", self.init, INITS)
         check_choice("trunk_mode", self.trunk_mode, TRUNK_MODES)
+        if self.trunk_quantization is not None:
+            check_choice("trunk_quantization", self.trunk_quantization, TRUNK_QUANTIZATIONS)
         check_choice("objective", self.objective, OBJECTIVES)
         if isinstance(self.train, str):
             self.train = [self.train]
@@ -150,8 +157,8 @@ def resolve_schedule(stages: list[StageConfig], stack_sizes: list[int], max_stac
     """Replays the schedule's growth on `stack_sizes` and checks every stage against it.
 
     Raises:
-        ValueError: naming the stage when the rack would exceed `max_stacks`, or a stage's `stack`
-            does not exist at that point.
+        ValueError: naming the stage when the rack would exceed `max_stacks`, a stage's `stack`
+            does not exist at that point, or a stage would train or merge into a quantized stack.
     """
     if not stages:
         raise ValueError("the schedule has no stages.")
@@ -160,6 +167,8 @@ def resolve_schedule(stages: list[StageConfig], stack_sizes: list[int], max_stac
         raise ValueError(f"the initial rack has {len(sizes)} stacks, more than max_stacks={max_stacks}.")
     latest = len(sizes) - 1
     resolved = []
+    quantized: set[int] = set()  # stacks a `trunk_quantization` stage quantized
+    trunk_adapter = False  # a trunk adapter is on the rack (merged by a new one or by `merge_adapters`)
     for k, stage in enumerate(stages):
         name = stage.name or f"stage_{k}"
         if stage.grow == "append":
@@ -178,5 +187,31 @@ def resolve_schedule(stages: list[StageConfig], stack_sizes: list[int], max_stac
                 f"stages[{k}] ({name}) names stack {stack}, but the rack has {len(sizes)} stacks at that point "
                 f"(valid: 0..{len(sizes) - 1})."
             )
-        resolved.append(ResolvedStage(k, name, stage, stack % len(sizes), tuple(sizes)))
+        stack %= len(sizes)
+        quantized = _check_quantized_trunk(k, name, stage, stack, len(sizes), quantized, trunk_adapter)
+        trunk_adapter = (trunk_adapter or stage.trunk_adapter is not None) and not stage.merge_adapters
+        resolved.append(ResolvedStage(k, name, stage, stack, tuple(sizes)))
     return resolved
+
+
+def _check_quantized_trunk(k: int, name: str, stage: StageConfig, stack: int, n_stacks: int, quantized: set[int],
+                           trunk_adapter: bool) -> set[int]:
+    """The quantized stacks after stage k (indices shift on prepend); raises when the stage would train
+    a quantized stack or merge an adapter into one. `trunk_adapter`: a trunk adapter is on the rack."""
+    if stage.grow == "prepend":
+        quantized = {i + 1 for i in quantized}
+    where = f"stages[{k}] ({name})"
+    if quantized and "all" in stage.train:
+        raise ValueError(f"{where} trains `all`, but stacks {sorted(quantized)} are quantized (trunk_quantization).")
+    if stack in quantized and "stack" in stage.train:
+        raise ValueError(f"{where} trains stack {stack}, which an earlier stage quantized (trunk_quantization).")
+    if stage.trunk_quantization is not None:
+        if "all" in stage.train:
+            raise ValueError(f"{where}: `trunk_quantization` freezes the trunk; `train: all` would train it.")
+        quantized = quantized | {i for i in range(n_stacks) if i != stack}
+    live = trunk_adapter or stage.trunk_adapter is not None
+    if quantized and ((trunk_adapter and stage.trunk_adapter is not None) or (live and stage.merge_adapters)):
+        raise ValueError(f"{where} would merge the trunk adapter into the trunk (a new trunk adapter or "
+                         f"`merge_adapters`), and stacks {sorted(quantized)} are quantized; merging into 8/4-bit "
+                         "weights is not supported.")
+    return quantized

@@ -33,9 +33,16 @@ def grow_for_stage(rack, stage: ResolvedStage) -> None:
             f"{list(stage.stack_sizes)}; was the rack changed outside the trainer?"
         )
     trunk = [i for i in range(rack.num_stacks) if i != stage.stack]
-    if config.trunk_dtype is not None:
-        for i in trunk:
-            rack.cast_stack(i, config.trunk_dtype)
+    if config.trunk_dtype is not None or config.trunk_quantization is not None:
+        from ..quantization import SCHEMES, quantize_stacks, quantized_stacks
+
+        quantized = quantized_stacks(rack)
+        if config.trunk_dtype is not None:
+            for i in trunk:
+                if i not in quantized:  # a quantized stack keeps its codes; its dtype is the compute dtype
+                    rack.cast_stack(i, config.trunk_dtype)
+        if config.trunk_quantization is not None:
+            quantize_stacks(rack, trunk, bits=SCHEMES[config.trunk_quantization])
     if config.trunk_adapter is not None or config.stack_adapter is not None:
         _attach_adapters(rack, stage, trunk)
 

@@ -38,6 +38,7 @@ import shutil
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .arguments import parse_size
 
@@ -423,7 +424,12 @@ def module_hash(module: torch.nn.Module) -> str:
 
 def _update(digest, name: str, tensor: torch.Tensor) -> None:
     t = tensor.detach()
-    digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    digest.update(f"{name}|{type(t).__name__}|{t.dtype}|{tuple(t.shape)}|".encode())
+    if is_traceable_wrapper_subclass(t):  # a quantized weight (torchao): hash the tensors it is made of
+        inner, _ = t.__tensor_flatten__()
+        for attr in inner:
+            _update(digest, f"{name}.{attr}", getattr(t, attr))
+        return
     digest.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
