@@ -289,36 +289,58 @@ def save_quantized_rack(rack, path, max_shard_size="5GB") -> str:
 
 
 def read_quantization_manifest(path) -> dict[int, dict]:
-    """{stack: {"bits", "backend", "scheme"}} from a saved rack's `quantization.json` ({} when absent)."""
+    """{stack: {"bits", "backend", "scheme", "codes"}} from a saved rack's `quantization.json` ({} when
+    absent); a malformed manifest raises `CorruptFileError` naming the file and the field."""
+    from .errors import CorruptFileError
+
     file = os.path.join(path, MANIFEST_NAME)
     if not os.path.isfile(file):
         return {}
-    with open(file, encoding="utf-8") as f:
-        manifest = json.load(f)
-    return {int(k): v for k, v in manifest.get("stacks", {}).items()}
+    try:
+        with open(file, encoding="utf-8") as f:
+            stacks = json.load(f)["stacks"]
+        records = {int(k): dict(v) for k, v in stacks.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CorruptFileError(f"{file}: not a quantization manifest ({type(err).__name__}: {err}).") from err
+    for i, record in records.items():
+        if record.get("bits") not in (4, 8) or record.get("backend") not in BACKENDS[1:] or not record.get("codes"):
+            raise CorruptFileError(f"{file}: stack {i} needs `bits` 8 or 4, `backend` in {list(BACKENDS[1:])} and a "
+                                   f"`codes` file; got {record}.")
+    return records
 
 
 def load_quantized_rack(rack, path, backend: str | None = None) -> dict[int, dict]:
     """Restores a rack saved with `save_quantized_rack` in place: weights, the saved stacks' quantization
-    (re-applied with the saved backend, or `backend`), then adapters, which then wrap the quantized layers."""
+    (re-applied with the saved backend, or `backend`), then adapters, which then wrap the quantized layers.
+
+    The manifest, every codes file and every weight shard are read and checked before the rack changes,
+    so a missing or damaged file raises (naming it) with the rack as it was.
+    """
     from transformers.utils import is_peft_available
 
-    from .serialization import resolver_for
+    from .serialization import load_tensors, resolver_for
 
-    from safetensors.torch import load_file
-
+    records = read_quantization_manifest(path)
+    for record in records.values():
+        resolve_backend(record["bits"], backend or record["backend"])  # a missing backend fails here
+    codes = {}
+    for i, record in records.items():
+        file = os.path.join(path, record["codes"])
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file}: file not found (named by {os.path.join(path, MANIFEST_NAME)}).")
+        if (backend or record["backend"]) == record["backend"]:
+            codes[i] = load_tensors(file)
     rack.load_rack_weights(path)
-    for i, record in sorted(read_quantization_manifest(path).items()):
+    for i, record in sorted(records.items()):
         quantize_stacks(rack, [i], bits=record["bits"], backend=backend or record["backend"])
         # Re-quantizing the dequantized weights is close, not exact: put back the saved integers and scales.
-        if (backend or record["backend"]) == record["backend"]:
+        if i in codes:
             file = os.path.join(path, record["codes"])
-            codes = load_file(file)
             for name, module in rack.base_model.stacks[i].named_modules():
                 if name.rsplit(".", 1)[-1] in PROJECTIONS:
                     layer = getattr(module, "base_layer", module)
                     prefix = f"{name}."
-                    _restore_codes(layer, {k[len(prefix):]: v for k, v in codes.items() if k.startswith(prefix)},
+                    _restore_codes(layer, {k[len(prefix):]: v for k, v in codes[i].items() if k.startswith(prefix)},
                                    f"{file}: {name}")
     if is_peft_available():
         from .adapter_files import load_adapters, manifest_exists

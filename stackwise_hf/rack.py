@@ -152,9 +152,8 @@ class RackMixin:
         if self.can_generate():
             self.generation_config.save_pretrained(save_directory)
         if state_dict is None:
-            from .quantization import quantized_state_dict  # quantized stacks: dequantized, in their dtype
-
-            state_dict = quantized_state_dict(self)
+            quantization = _quantization_module()  # quantized stacks are written dequantized, in their dtype
+            state_dict = serialization.rack_state_dict(self) if quantization is None else quantization.quantized_state_dict(self)
         weights = state_dict
         serialization.save_weights(
             weights, save_directory, max_shard_size, stack_meta=self._stack_meta(), total_parameters=self.num_parameters()
@@ -239,13 +238,13 @@ class RackMixin:
         """Saves the complete rack: weights (`save_pretrained` layout) plus every adapter in peft format
         under `adapters/<name>/` with a manifest. A rack with quantized stacks also writes their exact
         codes and `quantization.json` (`quantization.save_quantized_rack`). Returns the directory."""
-        from . import quantization
-
-        if quantization.quantized_stacks(self):
-            return quantization.save_quantized_rack(self, path, max_shard_size=max_shard_size)
-        stale = os.path.join(path, quantization.MANIFEST_NAME)
-        if os.path.isfile(stale):  # the directory held a quantized rack before: this one is not
-            os.remove(stale)
+        quantization = _quantization_module()
+        if quantization is not None:
+            if quantization.quantized_stacks(self):
+                return quantization.save_quantized_rack(self, path, max_shard_size=max_shard_size)
+            stale = os.path.join(path, quantization.MANIFEST_NAME)
+            if os.path.isfile(stale):  # the directory held a quantized rack before: this one is not
+                os.remove(stale)
         self.save_pretrained(path, max_shard_size=max_shard_size)
         # Also without live adapters: the manifest then records merges, or a stale one is removed.
         adapters = _adapters_module()
@@ -258,14 +257,14 @@ class RackMixin:
     def load_rack(self, path: str | os.PathLike, **hub_kwargs) -> bool:
         """Restores a rack saved with `save_rack` in place: weights, stack layout, dtypes and adapters,
         and a local directory's quantized stacks (`quantization.json`), quantized again to the saved codes."""
-        from . import quantization
-
-        if quantization.quantized_stacks(self):
-            raise ValueError(f"{path}: load into a rack without quantized stacks (this one has "
-                             f"{sorted(quantization.quantized_stacks(self))}); their weights cannot be overwritten.")
-        if os.path.isfile(os.path.join(path, quantization.MANIFEST_NAME)):
-            quantization.load_quantized_rack(self, path)
-            return True
+        quantization = _quantization_module()
+        if quantization is not None:
+            if quantization.quantized_stacks(self):
+                raise ValueError(f"{path}: load into a rack without quantized stacks (this one has "
+                                 f"{sorted(quantization.quantized_stacks(self))}); their weights cannot be overwritten.")
+            if os.path.isfile(os.path.join(path, quantization.MANIFEST_NAME)):
+                quantization.load_quantized_rack(self, path)
+                return True
         self.load_rack_weights(path, **hub_kwargs)
         resolve = serialization.resolver_for(path, **hub_kwargs)
         adapters = _adapters_module()
@@ -389,6 +388,16 @@ def _adapters_module():
     from . import adapters
 
     return adapters
+
+
+def _quantization_module():
+    """`stackwise_hf.quantization`, or None in the `trust_remote_code` copy of this code (shipped without
+    it: a rack loaded that way has no quantized stacks). Imported as `_adapters_module` explains."""
+    if importlib.util.find_spec(f"{__package__}.quantization") is None:
+        return None
+    from . import quantization
+
+    return quantization
 
 
 def _one_of(dtype, precision):

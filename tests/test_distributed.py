@@ -17,7 +17,7 @@ import yaml
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
-from stackwise_hf.training import StageConfig, TrainingArguments
+from stackwise_hf.training import StageConfig
 from stackwise_hf.training.fsdp import check_fsdp_support
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,10 +31,10 @@ CONFIG = {
 
 
 # Three stages, so the rack is sharded, gathered and sharded again twice; tied embeddings, an uneven eval
-# split (3 batches on 2 processes) and a stack adapter in the last stage.
+# split (3 batches on 2 processes), a stack adapter in the last stage, and mid-stage checkpoints.
 FSDP_CONFIG = {
     "model": {**CONFIG["model"], "tie_word_embeddings": True},
-    "training": {**CONFIG["training"], "per_device_eval_batch_size": 8},
+    "training": {**CONFIG["training"], "per_device_eval_batch_size": 8, "save_interval": 2, "save_total_limit": None},
     "stages": [*CONFIG["stages"], {"grow": "append", "n_blocks": 1, "max_steps": 4, "stack_adapter": {"r": 4},
                                    "train": ["stack_adapter", "head"]}],
 }
@@ -68,15 +68,10 @@ def test_two_process_ddp_on_cpu_gives_identical_weights(tmp_path, launcher):
     assert (tmp_path / "run" / "final" / "model.safetensors.index.json").exists()
 
 
-@pytest.mark.parametrize(
-    "fsdp2, save_interval, message",
-    [(False, None, "set `fsdp_version: 2`"), (True, 10, "`save_interval=10`: mid-stage checkpoints")],
-)
-def test_fsdp_settings_the_trainer_cannot_honour_are_refused(fsdp2, save_interval, message):
-    accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=fsdp2)
-    with pytest.raises(ValueError, match=message):
-        check_fsdp_support(accelerator, TrainingArguments(save_interval=save_interval))
-    check_fsdp_support(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU), TrainingArguments(save_interval=10))
+def test_fsdp1_is_refused():
+    with pytest.raises(ValueError, match="set `fsdp_version: 2`"):
+        check_fsdp_support(SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False))
+    check_fsdp_support(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
 
 
 def test_a_quantized_trunk_under_fsdp_is_refused():
@@ -84,11 +79,11 @@ def test_a_quantized_trunk_under_fsdp_is_refused():
     stages = [StageConfig(max_steps=1), StageConfig(name="q", grow="append", n_blocks=1, max_steps=1,
                                                     trunk_quantization="int8")]
     with pytest.raises(ValueError, match=r"\['q'\]: `trunk_quantization` under FSDP is not supported"):
-        check_fsdp_support(accelerator, TrainingArguments(), stages)
+        check_fsdp_support(accelerator, stages)
 
 
-def _torchrun(tmp_path, config: dict, mode: str) -> list[dict]:
-    out = tmp_path / mode
+def _torchrun(tmp_path, config: dict, mode: str, label: str | None = None) -> list[dict]:
+    out = tmp_path / (label or mode)
     out.mkdir()
     config = {**config, "training": {**config["training"], "output_dir": str(out / "run")}}
     (out / "config.yaml").write_text(yaml.safe_dump(config))
@@ -110,7 +105,7 @@ def _final_weights(tmp_path, mode: str) -> dict:
 
 
 @pytest.mark.slow
-def test_fsdp2_shards_each_stack_and_trains_the_rack_ddp_trains(tmp_path):
+def test_fsdp2_shards_each_stack_trains_the_rack_ddp_trains_and_resumes_exactly(tmp_path):
     fsdp = _torchrun(tmp_path, FSDP_CONFIG, "fsdp")
     ddp = _torchrun(tmp_path, FSDP_CONFIG, "ddp")
     assert [r["distributed_type"] for r in fsdp] == ["DistributedType.FSDP"] * 2
@@ -128,3 +123,15 @@ def test_fsdp2_shards_each_stack_and_trains_the_rack_ddp_trains(tmp_path):
         torch.testing.assert_close(sharded[name], replicated[name], rtol=1e-4, atol=1e-5, msg=name)
     adapter = tmp_path / "fsdp" / "run" / "final" / "adapters" / "stack_2" / "adapter_model.safetensors"
     assert adapter.exists()
+
+    # A mid-stage checkpoint under FSDP (plain rack, optimizer state gathered by parameter name) resumes,
+    # sharded again, to the same weights bit for bit.
+    checkpoint = tmp_path / "fsdp" / "run" / "checkpoints" / "checkpoint-00000010"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert (state["stage"], state["stage_step"]) == (2, 2)
+    resume = {**FSDP_CONFIG, "training": {**FSDP_CONFIG["training"], "resume_from_checkpoint": str(checkpoint)}}
+    resumed = _torchrun(tmp_path, resume, "fsdp", label="resumed")
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "run" / "log.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in log if r["kind"] == "resume"] == [(2, 10)]
+    assert resumed[0]["sharded_stacks"] == [[0, 1, 2]]  # only the rest of stage 2 ran, sharded
+    assert resumed[0]["sha256"] == resumed[1]["sha256"] == fsdp[0]["sha256"]

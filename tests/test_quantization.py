@@ -204,3 +204,28 @@ def test_merging_an_adapter_into_quantized_weights_is_refused():
     with pytest.raises(ValueError, match=r"adapter 'trunk' covers quantized stack\(s\) \[0\]"):
         adapters.merge_stack_adapter(rack, "trunk")
     assert "trunk" in adapters.adapter_names(rack)
+
+
+@TORCHAO
+@pytest.mark.parametrize("damage", ["truncate_codes", "delete_codes", "bad_manifest"])
+def test_a_damaged_quantized_rack_fails_before_the_rack_changes(tmp_path, damage):
+    from stackwise_hf.errors import CorruptFileError
+
+    saved = tiny_rack(**SHAPE)
+    quantize_stacks(saved, [0], bits=8)
+    save_quantized_rack(saved, tmp_path)
+    codes = tmp_path / "quantized-stack000.safetensors"
+    if damage == "truncate_codes":
+        codes.write_bytes(codes.read_bytes()[:-64])
+    elif damage == "delete_codes":
+        codes.unlink()
+    else:
+        (tmp_path / "quantization.json").write_text('{"stacks": {"0": {"bits": 3, "backend": "torchao"}}}')
+    target = tiny_rack(seed=5, **SHAPE)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    error = {"truncate_codes": CorruptFileError, "delete_codes": FileNotFoundError, "bad_manifest": CorruptFileError}
+    name = "quantization.json" if damage == "bad_manifest" else "quantized-stack000.safetensors"
+    with pytest.raises(error[damage], match=name):
+        target.load_rack(tmp_path)
+    assert quantized_stacks(target) == {}
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())

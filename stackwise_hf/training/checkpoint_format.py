@@ -49,6 +49,7 @@ from safetensors.torch import save_file
 
 from .. import serialization
 from ..errors import CheckpointError, CorruptFileError
+from .fsdp import shard_like_params
 
 logger = logging.getLogger(__name__)
 
@@ -357,9 +358,10 @@ def optimizer_param_names(optimizer, rack) -> list[list[str]]:
     return groups
 
 
-def save_optimizer(optimizer, rack, directory: str | os.PathLike) -> None:
-    """Writes `optimizer.json`/`optimizer.safetensors`: per-parameter state under the parameter's name."""
-    state_dict = optimizer.state_dict()
+def save_optimizer(optimizer, rack, directory: str | os.PathLike, state_dict: dict | None = None) -> None:
+    """Writes `optimizer.json`/`optimizer.safetensors`: per-parameter state under the parameter's name
+    (`state_dict`: the optimizer's state dict when given, e.g. gathered from FSDP shards)."""
+    state_dict = optimizer.state_dict() if state_dict is None else state_dict
     names = optimizer_param_names(optimizer, rack)
     name_of = {}
     groups = []
@@ -401,8 +403,11 @@ def load_optimizer(optimizer, rack, directory: str | os.PathLike) -> None:
     unknown = sorted(set(saved["state"]) - set(flat))
     if unknown:
         raise CheckpointError(f"{where}: state for parameters the optimizer does not hold: {unknown[:3]}.")
-    # torch casts each state tensor to its parameter's device and dtype (the map_location of the optimizer).
-    optimizer.load_state_dict({"state": {flat[n]: v for n, v in saved["state"].items()}, "param_groups": param_groups})
+    # torch casts each state tensor to its parameter's device and dtype (the map_location of the optimizer);
+    # under FSDP the whole saved tensors are first sharded as their parameters are.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = shard_like_params(params, {flat[n]: v for n, v in saved["state"].items()})
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
 def _repoint(optimizer, rack, names: list[list[str]], where: str) -> None:

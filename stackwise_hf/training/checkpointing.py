@@ -63,7 +63,7 @@ from .checkpoint_format import (
     verify_checkpoint,
     write_state,
 )
-from .fsdp import uses_fsdp
+from .fsdp import gathered_optimizer_state, plain_copy, uses_fsdp
 from .state import TrainerState
 
 logger = logging.getLogger(__name__)
@@ -122,13 +122,17 @@ class CheckpointManager:
 
             name = broadcast_object_list([name])[0]
         final, tmp = root / name, root / f"{name}{TMP_SUFFIX}"
+        optimizer_state = None
+        if run is not None and uses_fsdp(accelerator):  # mid-stage under FSDP: gather the shards (fsdp.py)
+            rack = plain_copy(rack, run.module)
+            optimizer_state = gathered_optimizer_state(optimizer if optimizer is not None else run.optimizer)
         try:
             if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                self._write_main_parts(tmp, rack, run, optimizer, activation_cache)
+                self._write_main_parts(tmp, rack, run, optimizer, activation_cache, optimizer_state)
             write_state(tmp / RNG_DIR, f"process_{accelerator.process_index}", capture_rng())
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
@@ -160,13 +164,13 @@ class CheckpointManager:
             name = f"{PREFIX}{global_step:08d}-{k}"
         return name
 
-    def _write_main_parts(self, tmp: Path, rack, run, optimizer, activation_cache) -> None:
+    def _write_main_parts(self, tmp: Path, rack, run, optimizer, activation_cache, optimizer_state=None) -> None:
         trainer, accelerator = self.trainer, self.trainer.accelerator
         rack.save_rack(tmp / RACK_DIR)
         (tmp / TRAINER_STATE_NAME).write_text(trainer.state.to_json(), encoding="utf-8")
         optimizer = optimizer if optimizer is not None else (run.optimizer if run is not None else None)
         if optimizer is not None:
-            save_optimizer(optimizer, rack, tmp)
+            save_optimizer(optimizer, rack, tmp, state_dict=optimizer_state)
         if run is not None and run.scheduler is not None:
             write_state(tmp, "scheduler", run.scheduler.state_dict())
         if accelerator.scaler is not None:
@@ -513,9 +517,6 @@ class CheckpointManager:
                            pending.directory, pending.stage, run.stage.index)
             return
         directory = pending.directory
-        if uses_fsdp(accelerator):
-            raise CheckpointError(f"{directory}: a mid-stage checkpoint cannot be resumed under FSDP (its optimizer "
-                                  "state would have to be sharded); resume from a stage-end checkpoint.")
         if not os.path.isfile(os.path.join(directory, "optimizer.json")):
             raise CheckpointError(f"{directory}: a mid-stage checkpoint without optimizer state cannot be resumed.")
         load_optimizer(run.optimizer, trainer.rack, directory)

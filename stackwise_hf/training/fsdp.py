@@ -11,12 +11,15 @@ parameters become `DTensor` shards and its stacks FSDP modules. Two facts of FSD
 
 So at a stage's end `unshard_rack` gathers the full weights (one tensor at a time, to the host) and puts
 fresh, plain modules with those weights under the same rack object, which the next stage shards again.
+A mid-stage checkpoint saves a `plain_copy` of the rack and the optimizer state gathered whole (keyed by
+parameter name, as always); resuming shards that state like the parameters again.
 FSDP therefore shards a stage's training step (the trained weights, their gradients and optimizer state,
 and the frozen trunk's weights while the stage runs); between stages every process holds the whole rack,
 as under DDP.
 
 FSDP1 wraps modules in place (the rack's stacks would become `FullyShardedDataParallel` wrappers
-that the next stage cannot re-wrap), so it is refused with a pointer to `fsdp_version: 2`.
+that the next stage cannot re-wrap), so it is refused with a pointer to `fsdp_version: 2`; so is a
+quantized trunk (its weights are not DTensors).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def uses_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def check_fsdp_support(accelerator, args, stages=()) -> None:
+def check_fsdp_support(accelerator, stages=()) -> None:
     """Refuses, before training, the FSDP settings this trainer cannot honour."""
     if not uses_fsdp(accelerator):
         return
@@ -45,51 +48,43 @@ def check_fsdp_support(accelerator, args, stages=()) -> None:
             "FSDP1 wraps the rack's stacks in place and cannot re-wrap them when the next stage grows the rack; "
             "set `fsdp_version: 2` in the accelerate config (configs/accelerate/fsdp.yaml does)."
         )
-    if args.save_interval:
-        raise ValueError(
-            f"`save_interval={args.save_interval}`: mid-stage checkpoints would need the sharded optimizer state, "
-            "which this trainer does not gather yet under FSDP; leave `save_interval` unset (a checkpoint is still "
-            "written at the end of every stage)."
-        )
     quantized = [stage.name or f"stages[{k}]" for k, stage in enumerate(stages) if stage.trunk_quantization]
     if quantized:
         raise ValueError(f"{quantized}: `trunk_quantization` under FSDP is not supported (quantized weights do not "
                          "shard as DTensors here); use one process, DDP, or `trunk_dtype` instead.")
 
 
-@torch.no_grad()
-def unshard_rack(rack, stage_module) -> None:
-    """Gives `rack` plain (unsharded) modules, on the host, holding the weights `stage_module` trained
-    under FSDP.
-
-    Every process must call it (gathering a shard is a collective). The rack object, its config, its
-    adapters' configs, which adapters are active and which parameters require grad are kept; each stack
-    keeps its dtype (Accelerate upcasts trained low-precision weights to float32 while sharding).
-    """
+def _full(value):
+    """The whole tensor behind a shard (an all-gather: every process calls it, in the same order)."""
     from torch.distributed.tensor import DTensor
 
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+@torch.no_grad()
+def plain_copy(rack, stage_module):
+    """A plain (unsharded) copy of `rack` on the host, with the weights `stage_module` holds under FSDP.
+
+    Every process must call it. The copy has the rack's config, adapters (same peft configs, active and
+    trainable ones, merge records), `requires_grad` flags and generation config; each stack keeps its
+    dtype (Accelerate upcasts trained low-precision weights to float32 while sharding).
+    """
     from .. import adapters
 
     full = {}
     for key, value in stage_module.state_dict().items():
-        if not key.startswith(RACK_PREFIX):
-            continue
-        if isinstance(value, DTensor):
-            value = value.full_tensor()  # an all-gather: the same keys in the same order on every process
-        # One tensor at a time to the host: the device never holds a second full copy of the rack.
-        full[key[len(RACK_PREFIX):]] = value.detach().to("cpu", copy=True)
-    requires_grad = {name: p.requires_grad for name, p in rack.named_parameters()}
-    present = adapters.adapter_names(rack)
-    active, trainable = (adapters.active_adapters(rack), adapters.trainable_adapters(rack)) if present else ([], [])
-
+        if key.startswith(RACK_PREFIX):
+            # One tensor at a time to the host: the device never holds a second full copy of the rack.
+            full[key[len(RACK_PREFIX):]] = _full(value).detach().to("cpu", copy=True)
     with torch.device("meta"):
         fresh = type(rack)(copy.deepcopy(rack.config))
+    present = adapters.adapter_names(rack)
     if present:
         adapters.add_adapters_like(fresh, rack)
     expected = fresh.state_dict()
     missing, unexpected = sorted(set(expected) - set(full)), sorted(set(full) - set(expected))
     if missing or unexpected:
-        raise RuntimeError(f"unsharding the rack: missing tensors {missing[:5]}, unexpected {unexpected[:5]}.")
+        raise RuntimeError(f"gathering the sharded rack: missing tensors {missing[:5]}, unexpected {unexpected[:5]}.")
     fresh.load_state_dict({k: full[k].to(expected[k].dtype) for k in expected}, assign=True, strict=True)
     if fresh.config.tie_word_embeddings:
         fresh.tie_weights()
@@ -97,11 +92,57 @@ def unshard_rack(rack, stage_module) -> None:
         if buffer.device.type != "meta":
             owner, _, leaf = name.rpartition(".")
             fresh.get_submodule(owner)._buffers[leaf] = buffer.detach().to("cpu")
+    fresh.generation_config = copy.deepcopy(rack.generation_config)
+    fresh._merged_adapters = adapters.merged_adapters(rack)
+    _copy_training_flags(rack, fresh)
+    return fresh
 
+
+def _copy_training_flags(source, target) -> None:
+    from .. import adapters
+
+    if adapters.adapter_names(source):
+        adapters.activate_adapters(target, adapters.active_adapters(source),
+                                   trainable=adapters.trainable_adapters(source))
+    flags = {name: p.requires_grad for name, p in source.named_parameters()}
+    for name, param in target.named_parameters():
+        param.requires_grad_(flags.get(name, False))
+
+
+def unshard_rack(rack, stage_module) -> None:
+    """Gives `rack` itself plain modules on the host holding the weights `stage_module` trained under
+    FSDP (`plain_copy`, then its modules move under `rack`). Every process must call it."""
+    fresh = plain_copy(rack, stage_module)
+    flags = {name: p.requires_grad for name, p in fresh.named_parameters()}
     for name, child in list(fresh.named_children()):
         setattr(rack, name, child)
-    if present:
-        adapters.activate_adapters(rack, active, trainable=trainable)
     for name, param in rack.named_parameters():
-        param.requires_grad_(requires_grad.get(name, False))
-    logger.info("FSDP: gathered the rack's %d tensors into plain modules for the next stage.", len(full))
+        param.requires_grad_(flags.get(name, False))
+    logger.info("FSDP: gathered the rack into plain modules for the next stage.")
+
+
+# Optimizer state ------------------------------------------------------------------------------------------
+
+
+def gathered_optimizer_state(optimizer) -> dict:
+    """`optimizer.state_dict()` with every sharded state tensor gathered whole, on the host (every process
+    must call it); `checkpoint_format.save_optimizer` writes it keyed by parameter name."""
+    state_dict = optimizer.state_dict()
+    state = {index: {k: _full(v).detach().to("cpu") if torch.is_tensor(v) else v for k, v in values.items()}
+             for index, values in state_dict["state"].items()}
+    return {"state": state, "param_groups": state_dict["param_groups"]}
+
+
+def shard_like_params(params: list, state: dict[int, dict]) -> dict[int, dict]:
+    """Whole optimizer state tensors (by parameter index) sharded as their `DTensor` parameters are; state
+    of plain parameters, and scalars such as `step`, is returned as it is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    out = {}
+    for index, values in state.items():
+        param = params[index]
+        if isinstance(param, DTensor):
+            values = {k: distribute_tensor(v.to(param.device, param.dtype), param.device_mesh, param.placements)
+                      if torch.is_tensor(v) and v.shape == param.shape else v for k, v in values.items()}
+        out[index] = values
+    return out

@@ -91,7 +91,7 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
             log_with=resolve_trackers(self.args.report_to) or None,
             project_dir=self.args.output_dir,
         )
-        check_fsdp_support(self.accelerator, self.args, self.experiment.stages)
+        check_fsdp_support(self.accelerator, self.experiment.stages)
         self.state = TrainerState()
         self.run_log = RunLog(self.accelerator, self.args.output_dir)
         self.schedule: list[ResolvedStage] = []
