@@ -128,3 +128,18 @@ def test_cli_plan(capsys):
     out = capsys.readouterr().out
     assert "stack_19" in out and "NO" not in out.split("peak by trunk")[0]
     assert main(["plan", "--config", "configs/llama-70b-stackwise.yaml", "--gpu-memory", "40GB"]) == 1
+
+
+def test_the_suggested_trunk_quantization_is_a_stage_field_the_planner_reads():
+    from stackwise_hf.training import ExperimentConfig
+
+    # What the planner suggests for a recomputed 70B trunk ("trunk_quantization: nf4") is a schedule a user can
+    # write; planning that schedule gives the peak the suggestion promised.
+    recompute = plan_experiment(ExperimentConfig.from_yaml("configs/llama-70b-stackwise.yaml",
+                                                           overrides=["stages.*.trunk_mode=recompute"]),
+                                gpu_memory="141GB")
+    nf4 = plan_experiment(ExperimentConfig.from_yaml(
+        "configs/llama-70b-stackwise.yaml",
+        overrides=["stages.*.trunk_mode=recompute", "stages.*.trunk_quantization=nf4"]), gpu_memory="141GB")
+    assert not recompute.fits and nf4.fits
+    assert [s.peak for s in nf4.stages] == recompute.variants["recompute:nf4"]
