@@ -18,7 +18,7 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 from stackwise_hf.training import StageConfig
-from stackwise_hf.training.fsdp import check_fsdp_support
+from stackwise_hf.training.fsdp import check_fsdp_support, keep_loss_in_float32
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -72,6 +72,16 @@ def test_fsdp1_is_refused():
     with pytest.raises(ValueError, match="set `fsdp_version: 2`"):
         check_fsdp_support(SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False))
     check_fsdp_support(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+
+
+def test_under_fsdp_mixed_precision_the_loss_is_not_cast_down():
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin = SimpleNamespace(mixed_precision_policy=MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, output_dtype=torch.bfloat16))  # Accelerate's "bf16"
+    keep_loss_in_float32(SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin)))
+    assert plugin.mixed_precision_policy == MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                                 reduce_dtype=torch.bfloat16, output_dtype=None)
 
 
 def test_a_quantized_trunk_under_fsdp_is_refused():

@@ -25,6 +25,7 @@ quantized trunk (its weights are not DTensors).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import torch
@@ -52,6 +53,19 @@ def check_fsdp_support(accelerator, stages=()) -> None:
     if quantized:
         raise ValueError(f"{quantized}: `trunk_quantization` under FSDP is not supported (quantized weights do not "
                          "shard as DTensors here); use one process, DDP, or `trunk_dtype` instead.")
+
+
+def keep_loss_in_float32(accelerator) -> None:
+    """Drops the `output_dtype` Accelerate puts in the FSDP2 mixed-precision policy (bf16/fp16 under
+    `mixed_precision`): it casts every FSDP module's output, and the stage module's output is the loss,
+    which the objective computes in float32. Stacks already hand on activations in their compute dtype."""
+    if not uses_fsdp(accelerator):
+        return
+    plugin = accelerator.state.fsdp_plugin
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    if policy is not None and getattr(policy, "output_dtype", None) not in (None, torch.float32):
+        plugin.mixed_precision_policy = dataclasses.replace(policy, output_dtype=None)
+        logger.info("FSDP: outputs keep their dtype (no cast to %s), so the loss stays float32.", policy.output_dtype)
 
 
 def _full(value):

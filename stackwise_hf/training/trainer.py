@@ -30,7 +30,7 @@ from .arguments import TrainingArguments
 from .checkpointing import CheckpointingMixin
 from .direct import DirectTrainingMixin
 from .experiment import ExperimentConfig
-from .fsdp import check_fsdp_support, unshard_rack, uses_fsdp
+from .fsdp import check_fsdp_support, keep_loss_in_float32, unshard_rack, uses_fsdp
 from .objectives import build_objective
 from .schedule import ResolvedStage, StageConfig, resolve_schedule
 from .stage import StageModule, count_parameters, first_trained_stack, grow_for_stage, optimizer_groups, set_trainable
@@ -92,6 +92,7 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
             project_dir=self.args.output_dir,
         )
         check_fsdp_support(self.accelerator, self.experiment.stages)
+        keep_loss_in_float32(self.accelerator)
         self.state = TrainerState()
         self.run_log = RunLog(self.accelerator, self.args.output_dir)
         self.schedule: list[ResolvedStage] = []
