@@ -1,6 +1,7 @@
 """Two real processes on the CPU (gloo): the trainer must run unchanged under `accelerate launch` and
-`torchrun`, DDP must leave identical weights on both ranks, and FSDP2 (each stack its own unit) must
-train the same rack as DDP across growth events."""
+`torchrun`, DDP must leave identical weights on both ranks, and FSDP2 under `accelerate launch` with the
+shipped `configs/accelerate/fsdp.yaml` (each stack its own unit) must train the same rack as DDP across
+growth events and resume exactly from a mid-stage checkpoint."""
 
 import json
 import os
@@ -97,8 +98,12 @@ def _torchrun(tmp_path, config: dict, mode: str, label: str | None = None) -> li
     out.mkdir()
     config = {**config, "training": {**config["training"], "output_dir": str(out / "run")}}
     (out / "config.yaml").write_text(yaml.safe_dump(config))
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(ROOT / "tests/scripts/ddp_worker.py"), str(out / "config.yaml"), str(out), mode]
+    worker = [str(ROOT / "tests/scripts/ddp_worker.py"), str(out / "config.yaml"), str(out), mode]
+    if mode == "fsdp":  # the shipped FSDP config, in float32 to compare with DDP
+        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs/accelerate/fsdp.yaml"),
+               "--mixed_precision", "no", "--main_process_port", str(_free_port()), *worker]
+    else:
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()), *worker]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

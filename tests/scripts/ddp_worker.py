@@ -1,7 +1,8 @@
 """Worker for the multi-process tests: trains a tiny rack with the given config on synthetic blocks and
 writes, per rank, the process count and a hash of the final weights to <out>/rank<k>.json.
 
-With a third argument `fsdp` the stage module is sharded with Accelerate's FSDP2 path. Accelerate turns
+With a third argument `fsdp` the worker runs under `accelerate launch --config_file
+configs/accelerate/fsdp.yaml` and Accelerate builds the FSDP2 plugin from that file. Accelerate turns
 FSDP on only for accelerator machines (on the CPU its state says MULTI_CPU and ignores the plugin), so
 the worker relabels the state as MULTI_GPU first: everything after that - `fsdp2_prepare_model`,
 `fully_shard` of each stack over gloo, DTensor gradients and clipping - is the real code path.
@@ -22,14 +23,10 @@ from stackwise_hf.training import ExperimentConfig, ProgressiveTrainer  # noqa: 
 def fsdp_accelerator():
     from accelerate import Accelerator
     from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType
 
     PartialState(cpu=True).distributed_type = DistributedType.MULTI_GPU
-    plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["StackWiseStack"],
-        state_dict_type="FULL_STATE_DICT", reshard_after_forward=True,
-    )
-    return Accelerator(fsdp_plugin=plugin)
+    return Accelerator()  # the FSDP plugin comes from the launcher's environment (the config file)
 
 
 def main(config_path: str, out_dir: str, mode: str = "ddp") -> None:
