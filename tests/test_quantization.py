@@ -119,19 +119,24 @@ def test_trunk_off_the_device_streams_one_stack_at_a_time(monkeypatch):
 # The `trunk_quantization` stage field: the trainer quantizes the frozen trunk on stage entry ---------------
 
 TORCHAO = pytest.mark.skipif(backend_available("torchao") is not None, reason=str(backend_available("torchao")))
-QUANTIZED_SCHEDULE = [
-    {"max_steps": 3},
-    {"grow": "append", "n_blocks": 1, "max_steps": 3, "trunk_quantization": "int8"},
-    {"grow": "append", "n_blocks": 1, "max_steps": 3, "trunk_quantization": "int8", "trunk_mode": "cache",
-     "stack_adapter": {"r": 4}, "train": ["stack_adapter", "head"]},
+SCHEMES = [
+    pytest.param("int8", marks=TORCHAO),
+    pytest.param("nf4", marks=pytest.mark.skipif(backend_available("bitsandbytes") is not None,
+                                                 reason=str(backend_available("bitsandbytes")))),
 ]
 
 
-def _quantized_trainer(tmp_path, **training):
+def _quantized_trainer(tmp_path, scheme: str, **training):
     from stackwise_hf.training import ProgressiveTrainer
     from tiny import synthetic_blocks, tiny_experiment
 
-    return ProgressiveTrainer(tiny_experiment(tmp_path, QUANTIZED_SCHEDULE, **training),
+    stages = [
+        {"max_steps": 3},
+        {"grow": "append", "n_blocks": 1, "max_steps": 3, "trunk_quantization": scheme},
+        {"grow": "append", "n_blocks": 1, "max_steps": 3, "trunk_quantization": scheme, "trunk_mode": "cache",
+         "stack_adapter": {"r": 4}, "train": ["stack_adapter", "head"]},
+    ]
+    return ProgressiveTrainer(tiny_experiment(tmp_path, stages, **training),
                               train_dataset=synthetic_blocks(32), eval_dataset=synthetic_blocks(8, seed=1))
 
 
@@ -141,13 +146,13 @@ def _plain_weights(rack):
     return {k: v.clone() for k, v in quantized_state_dict(rack).items()}
 
 
-@TORCHAO
 @pytest.mark.filterwarnings("ignore:TorchaoLoraLinear was instantiated")
-def test_trunk_quantization_stages_train_save_and_resume_exactly(tmp_path):
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_trunk_quantization_stages_train_save_and_resume_exactly(tmp_path, scheme):
     from stackwise_hf import StackWiseForCausalLM
     from tiny import state_dicts_equal
 
-    trainer = _quantized_trainer(tmp_path / "a")
+    trainer = _quantized_trainer(tmp_path / "a", scheme)
     trainer.setup()
     codes = {}
     for stage in trainer.schedule:
@@ -169,7 +174,7 @@ def test_trunk_quantization_stages_train_save_and_resume_exactly(tmp_path):
 
     # Resuming from the end of stage 1 (trunk quantized) reaches the same weights bit for bit.
     stage_1 = next(c for c in trainer.list_checkpoints() if c["stage"] == 1 and c["kind"] == "stage_end")
-    resumed = _quantized_trainer(tmp_path / "b", resume_from_checkpoint=stage_1["path"])
+    resumed = _quantized_trainer(tmp_path / "b", scheme, resume_from_checkpoint=stage_1["path"])
     resumed.train()
     assert sorted(quantized_stacks(resumed.rack)) == [0, 1]
     assert state_dicts_equal(_plain_weights(resumed.rack), _plain_weights(trainer.rack))
