@@ -367,6 +367,8 @@ def _inject(rack, name: str, config: LoraConfig, weights: dict[str, torch.Tensor
     """
     with _expected_peft_warnings():
         inject_adapter_in_model(copy.deepcopy(config), rack, adapter_name=name)
+    for _, layer in _lora_layers(rack):
+        layer.train(layer.get_base_layer().training)  # new wrappers start in train mode (dropout on)
     cast_adapter_dtype(rack, name)
     if weights is not None:
         result = set_peft_model_state_dict(rack, weights, adapter_name=name)

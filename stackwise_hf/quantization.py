@@ -21,10 +21,8 @@ as its exact integers and scales in `quantized-stack{i:03d}.safetensors`; `quant
 which stacks are quantized, how, and where their codes are. `load_quantized_rack` loads the weights,
 quantizes the stacks again and then writes the saved codes into the quantized layers: re-quantizing
 dequantized values is close but not exact (torchao's scales round), and the saved codes make the
-reloaded rack compute bit for bit what the saved one did. (checked for torchao int8 and bitsandbytes NF4;
-bitsandbytes int8 on CPU still reloads close but not bit-exact: its layer keeps a second copy of the
-scales that the restore does not reach yet). The price is disk: a quantized stack takes
-its stack dtype's bytes plus its quantized bytes.
+reloaded rack compute bit for bit what the saved one did (tested for torchao int8, bitsandbytes NF4
+and int8). The price is disk: a quantized stack takes its stack dtype's bytes plus its quantized bytes.
 
 Trunk placement: in cache mode the trunk only runs to extend the activation cache. `offload_stacks`
 keeps stacks in host memory and `stream_stacks` brings them to the accelerator one at a time.
@@ -121,7 +119,9 @@ def _quantize_linear(linear: nn.Linear, bits: int, backend: str, compute_dtype: 
                                   compress_statistics=True, quant_type="nf4", device="meta")
         layer.weight = bnb.nn.Params4bit(weight.to("cpu"), requires_grad=False, compress_statistics=True,
                                          quant_type="nf4")
-    return layer.to(device)  # bitsandbytes quantizes when the weight moves to its device
+    # bitsandbytes quantizes when the weight moves to its device. The new layer takes the replaced one's
+    # train/eval mode: bitsandbytes' int8 matmul takes another path in training mode.
+    return layer.to(device).train(linear.training)
 
 
 def _dequantize_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:

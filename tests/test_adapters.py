@@ -529,3 +529,14 @@ def test_remove_all_adapters_restores_plain_linears():
     assert not hasattr(rack, "peft_config")
     assert all(type(m) is torch.nn.Linear for n, m in rack.named_modules() if n.endswith("_proj"))
     torch.testing.assert_close(logits(rack), logits(three_stack_rack()), rtol=0, atol=0)
+
+
+def test_adapters_added_to_a_rack_in_eval_mode_stay_in_eval_mode():
+    rack = tiny_rack()  # in eval mode
+    add_stack_adapter(rack, 1, {"r": 4, "lora_dropout": 0.5})
+    assert not any(m.training for m in rack.modules())
+    ids = tokens()
+    assert torch.equal(rack(ids).logits, rack(ids).logits)  # no dropout
+    rack.train()
+    add_stack_adapter(rack, 0, {"r": 4, "lora_dropout": 0.5})
+    assert all(m.training for m in rack.modules())

@@ -25,6 +25,8 @@ BACKENDS = [
                                                        reason=str(backend_available("torchao")))),
     pytest.param("bitsandbytes", 4, marks=pytest.mark.skipif(backend_available("bitsandbytes") is not None,
                                                             reason=str(backend_available("bitsandbytes")))),
+    pytest.param("bitsandbytes", 8, marks=pytest.mark.skipif(backend_available("bitsandbytes") is not None,
+                                                            reason=str(backend_available("bitsandbytes")))),
 ]
 
 
