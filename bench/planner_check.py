@@ -49,6 +49,9 @@ CASES = [
      dict(mixed_precision="bf16", loss_chunk_size=None)),
     ("fp32, 3 stacks, small vocab (optimizer)", [1, 2, 2], ["float32"] * 3, {"train": ["stack", "head"]},
      dict(mixed_precision="no", loss_chunk_size=None, micro_batch=1)),
+    ("int8 trunk (torchao), recompute", [2, 2, 2], ["bfloat16", "bfloat16", "float32"],
+     {"train": ["stack", "head"], "trunk_quantization": "int8"},
+     dict(mixed_precision="bf16", loss_chunk_size=128, trunk_precision="int8")),
 ]
 
 
@@ -73,6 +76,11 @@ def build_stage(config: StackWiseConfig, stage: ResolvedStage, device, skip_trun
     for stack, dtype in zip(rack.model.stacks, config.stack_dtypes):
         if not skip_trunk or stack.blocks[0].input_layernorm.weight.device.type != "meta":
             stack.to(getattr(torch, dtype))
+    if stage.config.trunk_quantization is not None:  # as `grow_for_stage` does on entering the stage
+        from stackwise_hf.quantization import SCHEMES, quantize_stacks
+
+        quantize_stacks(rack, [i for i in range(rack.num_stacks) if i != stage.stack],
+                        bits=SCHEMES[stage.config.trunk_quantization])
     set_trainable(rack, stage)  # again: materialising makes new Parameters
     rack.model.stacks[stage.stack].gradient_checkpointing = stage.config.gradient_checkpointing
     return rack, first
@@ -147,6 +155,10 @@ def run_cases(device, scale: int = 1, micro_batch: int = 4, seq_len: int = 128, 
     for name, sizes, dtypes, stage_fields, plan_fields in CASES:
         if only and only not in name:
             continue
+        scheme = stage_fields.get("trunk_quantization")
+        if scheme is not None and (reason := _backend_missing(scheme)):
+            print(f"{name:<38} skipped: {reason}")
+            continue
         if torch.device(device).type == "cuda" and plan_fields.get("mixed_precision") == "no":
             # fp32 attention with GQA runs SDPA's math kernel on CUDA (the (T, T) scores are kept): not modelled.
             print(f"{name:<38} skipped on CUDA: fp32 GQA attention takes the math kernel, which the planner does not model")
@@ -168,6 +180,15 @@ def run_cases(device, scale: int = 1, micro_batch: int = 4, seq_len: int = 128, 
         print(f"{name:<38} predicted {plan.peak / 2**20:9.1f} MiB  measured {measured['measured_peak'] / 2**20:9.1f} MiB"
               f"  error {100 * error:+6.1f}%  (peak in {plan.peak_phase})", flush=True)
     return rows
+
+
+def _backend_missing(scheme: str) -> str | None:
+    from stackwise_hf.quantization import SCHEMES, backend_available, resolve_backend
+
+    try:
+        return backend_available(resolve_backend(SCHEMES[scheme]))
+    except ImportError as err:
+        return str(err)
 
 
 def main(argv=None) -> int:

@@ -42,6 +42,7 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .configuration_stackwise import StackWiseConfig, canonical_dtype
 from .training.arguments import parse_size
@@ -634,6 +635,10 @@ class _LiveStorages:
 
     def add(self, t) -> None:
         if not isinstance(t, torch.Tensor) or t.device.type != self.device_type or t.is_meta:
+            return
+        if is_traceable_wrapper_subclass(t):  # a quantized weight (torchao): its memory is its inner tensors
+            for attr in t.__tensor_flatten__()[0]:
+                self.add(getattr(t, attr))
             return
         storage = t.untyped_storage()
         if storage in self.live:

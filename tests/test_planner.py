@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from stackwise_hf import StackWiseConfig, StackWiseForCausalLM
+from stackwise_hf.quantization import backend_available
 from stackwise_hf.planner import (
     MemoryMeter,
     PlanSettings,
@@ -84,7 +85,12 @@ def _measure(case_fields, plan_fields, sizes, dtypes):
     ({"train": ["stack", "head"], "trunk_mode": "cache"},
      dict(mixed_precision="bf16", loss_chunk_size=32, trunk_mode="cache", trunk_placement="host"),
      [1, 2], ["bfloat16"] * 2),
-], ids=["recompute-full-logits", "cache-host-chunked"])
+    pytest.param({"train": ["stack", "head"], "trunk_quantization": "int8"},
+                 dict(mixed_precision="bf16", loss_chunk_size=32, trunk_precision="int8"),
+                 [2, 2, 1], ["bfloat16", "bfloat16", "float32"],
+                 marks=pytest.mark.skipif(backend_available("torchao") is not None,
+                                          reason=str(backend_available("torchao")))),
+], ids=["recompute-full-logits", "cache-host-chunked", "int8-trunk-recompute"])
 def test_predicted_peak_within_ten_percent_of_measured_on_cpu(case_fields, plan_fields, sizes, dtypes):
     predicted, measured = _measure(case_fields, plan_fields, sizes, dtypes)
     assert abs(predicted - measured) / measured < 0.10, (predicted, measured)
