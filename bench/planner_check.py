@@ -52,6 +52,9 @@ CASES = [
     ("int8 trunk (torchao), recompute", [2, 2, 2], ["bfloat16", "bfloat16", "float32"],
      {"train": ["stack", "head"], "trunk_quantization": "int8"},
      dict(mixed_precision="bf16", loss_chunk_size=128, trunk_precision="int8")),
+    ("NF4 trunk (bitsandbytes), recompute", [2, 2, 2], ["bfloat16", "bfloat16", "float32"],
+     {"train": ["stack", "head"], "trunk_quantization": "nf4"},
+     dict(mixed_precision="bf16", loss_chunk_size=128, trunk_precision="nf4")),
 ]
 
 

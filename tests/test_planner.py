@@ -90,7 +90,12 @@ def _measure(case_fields, plan_fields, sizes, dtypes):
                  [2, 2, 1], ["bfloat16", "bfloat16", "float32"],
                  marks=pytest.mark.skipif(backend_available("torchao") is not None,
                                           reason=str(backend_available("torchao")))),
-], ids=["recompute-full-logits", "cache-host-chunked", "int8-trunk-recompute"])
+    pytest.param({"train": ["stack", "head"], "trunk_quantization": "nf4"},
+                 dict(mixed_precision="bf16", loss_chunk_size=32, trunk_precision="nf4"),
+                 [2, 2, 1], ["bfloat16", "bfloat16", "float32"],
+                 marks=pytest.mark.skipif(backend_available("bitsandbytes") is not None,
+                                          reason=str(backend_available("bitsandbytes")))),
+], ids=["recompute-full-logits", "cache-host-chunked", "int8-trunk-recompute", "nf4-trunk-recompute"])
 def test_predicted_peak_within_ten_percent_of_measured_on_cpu(case_fields, plan_fields, sizes, dtypes):
     predicted, measured = _measure(case_fields, plan_fields, sizes, dtypes)
     assert abs(predicted - measured) / measured < 0.10, (predicted, measured)
