@@ -288,13 +288,15 @@ def save_quantized_rack(rack, path, max_shard_size="5GB") -> str:
     return os.fspath(path)
 
 
-def read_quantization_manifest(path) -> dict[int, dict]:
-    """{stack: {"bits", "backend", "scheme", "codes"}} from a saved rack's `quantization.json` ({} when
-    absent); a malformed manifest raises `CorruptFileError` naming the file and the field."""
+def read_quantization_manifest(path, **hub_kwargs) -> dict[int, dict]:
+    """{stack: {"bits", "backend", "scheme", "codes"}} from a saved rack's `quantization.json` (a directory or a
+    Hub repo id; {} when absent); a malformed manifest raises `CorruptFileError` naming the file and field."""
     from .errors import CorruptFileError
+    from .serialization import resolver_for
 
-    file = os.path.join(path, MANIFEST_NAME)
-    if not os.path.isfile(file):
+    try:
+        file = resolver_for(path, **hub_kwargs)(MANIFEST_NAME)
+    except FileNotFoundError:
         return {}
     try:
         with open(file, encoding="utf-8") as f:
@@ -309,9 +311,10 @@ def read_quantization_manifest(path) -> dict[int, dict]:
     return records
 
 
-def load_quantized_rack(rack, path, backend: str | None = None) -> dict[int, dict]:
-    """Restores a rack saved with `save_quantized_rack` in place: weights, the saved stacks' quantization
-    (re-applied with the saved backend, or `backend`), then adapters, which then wrap the quantized layers.
+def load_quantized_rack(rack, path, backend: str | None = None, **hub_kwargs) -> dict[int, dict]:
+    """Restores a rack saved with `save_quantized_rack` (a directory or a Hub repo id) in place: weights,
+    the saved stacks' quantization (re-applied with the saved backend, or `backend`), then adapters, which
+    then wrap the quantized layers.
 
     The manifest, every codes file and every weight shard are read and checked before the rack changes,
     so a missing or damaged file raises (naming it) with the rack as it was.
@@ -320,33 +323,34 @@ def load_quantized_rack(rack, path, backend: str | None = None) -> dict[int, dic
 
     from .serialization import load_tensors, resolver_for
 
-    records = read_quantization_manifest(path)
+    resolve = resolver_for(path, **hub_kwargs)
+    records = read_quantization_manifest(path, **hub_kwargs)
     for record in records.values():
         resolve_backend(record["bits"], backend or record["backend"])  # a missing backend fails here
-    codes = {}
+    codes, files = {}, {}
     for i, record in records.items():
-        file = os.path.join(path, record["codes"])
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file}: file not found (named by {os.path.join(path, MANIFEST_NAME)}).")
+        try:
+            files[i] = resolve(record["codes"])
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err} (named by {MANIFEST_NAME} of {path})") from err
         if (backend or record["backend"]) == record["backend"]:
-            codes[i] = load_tensors(file)
-    rack.load_rack_weights(path)
+            codes[i] = load_tensors(files[i])
+    rack.load_rack_weights(path, **hub_kwargs)
     for i, record in sorted(records.items()):
         quantize_stacks(rack, [i], bits=record["bits"], backend=backend or record["backend"])
         # Re-quantizing the dequantized weights is close, not exact: put back the saved integers and scales.
         if i in codes:
-            file = os.path.join(path, record["codes"])
             for name, module in rack.base_model.stacks[i].named_modules():
                 if name.rsplit(".", 1)[-1] in PROJECTIONS:
                     layer = getattr(module, "base_layer", module)
                     prefix = f"{name}."
                     _restore_codes(layer, {k[len(prefix):]: v for k, v in codes[i].items() if k.startswith(prefix)},
-                                   f"{file}: {name}")
+                                   f"{files[i]}: {name}")
     if is_peft_available():
         from .adapter_files import load_adapters, manifest_exists
 
-        if manifest_exists(resolver_for(path)):
-            load_adapters(rack, path, replace=True)
+        if manifest_exists(resolve):
+            load_adapters(rack, path, replace=True, **hub_kwargs)
     return quantized_stacks(rack)
 
 

@@ -256,14 +256,14 @@ class RackMixin:
 
     def load_rack(self, path: str | os.PathLike, **hub_kwargs) -> bool:
         """Restores a rack saved with `save_rack` in place: weights, stack layout, dtypes and adapters,
-        and a local directory's quantized stacks (`quantization.json`), quantized again to the saved codes."""
+        and its quantized stacks (`quantization.json`), quantized again to the saved codes."""
         quantization = _quantization_module()
         if quantization is not None:
             if quantization.quantized_stacks(self):
                 raise ValueError(f"{path}: load into a rack without quantized stacks (this one has "
                                  f"{sorted(quantization.quantized_stacks(self))}); their weights cannot be overwritten.")
-            if os.path.isfile(os.path.join(path, quantization.MANIFEST_NAME)):
-                quantization.load_quantized_rack(self, path)
+            if quantization.read_quantization_manifest(path, **hub_kwargs):
+                quantization.load_quantized_rack(self, path, **hub_kwargs)
                 return True
         self.load_rack_weights(path, **hub_kwargs)
         resolve = serialization.resolver_for(path, **hub_kwargs)

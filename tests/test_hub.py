@@ -127,6 +127,31 @@ def test_push_then_pull_rack_with_adapters_and_tokenizer_gives_identical_logits(
     assert AutoTokenizer.from_pretrained(repo_id)("w5 w7").input_ids == [5, 7]
 
 
+@pytest.mark.filterwarnings("ignore:TorchaoLoraLinear was instantiated")
+def test_a_rack_with_a_quantized_trunk_round_trips_through_the_hub(hub_server):
+    from stackwise_hf.quantization import backend_available, quantize_stacks, quantized_stacks
+
+    if backend_available("torchao"):
+        pytest.skip(backend_available("torchao"))
+    rack = tiny_rack(stack_sizes=[2, 1], hidden_size=64, intermediate_size=128)
+    quantize_stacks(rack, [0], bits=8)
+    from stackwise_hf.adapters import add_stack_adapter
+
+    add_stack_adapter(rack, 1, r=4, init_lora_weights=False)
+    rack.push_to_hub("quantized")
+    repo_id = f"{USER}/quantized"
+    assert {"quantization.json", "quantized-stack000.safetensors"} <= set(_files(hub_server, repo_id))
+
+    pulled = tiny_rack(seed=9, stack_sizes=[2, 1], hidden_size=64, intermediate_size=128)
+    assert pulled.load_rack(repo_id)
+    assert sorted(quantized_stacks(pulled)) == [0]
+    assert torch.equal(_logits(pulled), _logits(rack))
+    # transformers alone loads the same repo as a plain rack: the stack's weights dequantized.
+    plain = StackWiseForCausalLM.from_pretrained(repo_id).eval()
+    assert not quantized_stacks(plain)
+    assert (_logits(plain) - _logits(rack)).abs().max() < 1e-2
+
+
 def test_push_updates_an_existing_repo_in_one_commit_dropping_stale_shards(hub_server):
     rack = tiny_rack(stack_sizes=[2, 1])
     rack.push_to_hub("rack", max_shard_size="8KB")
