@@ -55,21 +55,14 @@ def main() -> None:
     hub, user = start_hub()
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from _common import llama_and_rack
+    from transformers import LlamaForCausalLM
 
     from stackwise_hf import StackWiseForCausalLM
-    from stackwise_hf.llama_interop import from_llama
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    llama = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3) // 64 * 64,
-            num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 128,
-        )
-    )
-    per_stack = args.layers // args.stacks
-    rack = from_llama(llama, stack_sizes=[per_stack] * args.stacks)
+    llama, rack = llama_and_rack(args.hidden, args.layers, args.stacks, args.vocab)
     params = sum(p.numel() for p in llama.parameters())
     print(f"{params / 1e6:.1f}M parameters, {args.layers} layers, rack of {args.stacks} stacks, repeats={args.repeats}, "
           f"server {hub.url}")

@@ -117,8 +117,7 @@ class DirectTrainingMixin:
                                 stack_sizes=list(rack.config.stack_sizes), **count_parameters(rack))
         losses = self._direct_loop(run)
         if uses_fsdp(accelerator):  # the caller's rack gets plain weights back (see fsdp.py)
-            unshard_rack(rack, run.module)
-            rack.to(accelerator.device)
+            unshard_rack(rack, run.module, accelerator.device)
         history = self.run_log.history
         first = next((r["loss"] for r in history if r["kind"] == "train" and r.get("stage") == stack), None)
         final = next((r["loss"] for r in reversed(history) if r["kind"] == "train"), None)

@@ -123,15 +123,12 @@ def _copy_training_flags(source, target) -> None:
         param.requires_grad_(flags.get(name, False))
 
 
-def unshard_rack(rack, stage_module) -> None:
-    """Gives `rack` itself plain modules on the host holding the weights `stage_module` trained under
-    FSDP (`plain_copy`, then its modules move under `rack`). Every process must call it."""
-    fresh = plain_copy(rack, stage_module)
-    flags = {name: p.requires_grad for name, p in fresh.named_parameters()}
-    for name, child in list(fresh.named_children()):
+def unshard_rack(rack, stage_module, device) -> None:
+    """Gives `rack` itself plain modules on `device` holding the weights `stage_module` trained under
+    FSDP: `plain_copy`'s modules (flags and adapters set) move under `rack`. Every process must call it."""
+    for name, child in list(plain_copy(rack, stage_module).named_children()):
         setattr(rack, name, child)
-    for name, param in rack.named_parameters():
-        param.requires_grad_(flags.get(name, False))
+    rack.to(device)
     logger.info("FSDP: gathered the rack into plain modules for the next stage.")
 
 

@@ -193,8 +193,7 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
     def exit_stage(self, run: StageRun) -> None:
         metrics = self.evaluate(run)
         if uses_fsdp(self.accelerator):  # plain weights again before merging, saving or growing
-            unshard_rack(self.rack, run.module)
-            self.rack.to(self.accelerator.device)
+            unshard_rack(self.rack, run.module, self.accelerator.device)
         if run.stage.config.merge_adapters:
             self._merge_stage_adapters(run.stage)
         summary = {
