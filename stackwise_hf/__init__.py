@@ -4,11 +4,15 @@ Importing the package registers the rack with the Auto classes, so `AutoConfig`,
 `AutoModelForCausalLM` and `AutoModelForMaskedLM` load a saved rack by its `model_type`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+from . import quiet_backends
 
-from .configuration_stackwise import StackWiseConfig
-from .errors import CheckpointError, CorruptFileError, ShapeMismatchError, StackWiseError
-from .modeling_stackwise import (
+quiet_backends.install()  # before transformers imports torchao/bitsandbytes (see quiet_backends.py)
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM  # noqa: E402
+
+from .configuration_stackwise import StackWiseConfig  # noqa: E402
+from .errors import CheckpointError, CorruptFileError, ShapeMismatchError, StackWiseError  # noqa: E402
+from .modeling_stackwise import (  # noqa: E402
     StackWiseForCausalLM,
     StackWiseForMaskedLM,
     StackWiseModel,
