@@ -4,6 +4,7 @@
     stackwise info outputs/default/final
     stackwise generate outputs/default/final --prompt "ROMEO:" --max-new-tokens 40
     stackwise push outputs/default/final me/shakespeare-rack
+    stackwise export outputs/default/final llama-out --to llama [--dtype bfloat16]
 
 `accelerate launch -m stackwise_hf.cli train --config ...` runs the same trainer on several processes.
 """
@@ -99,6 +100,40 @@ def _run_dir_of(path: str) -> str | None:
     return None
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .llama_interop import save_llama
+
+    rack = load_rack_for_cli(args.path, args.revision)
+    _merge_adapters(rack)
+    tokenizer = _tokenizer_beside(args.path, args.revision)
+    if tokenizer is None:
+        logger.warning("%s has no tokenizer; the export has none either.", args.path)
+    save_llama(rack, args.out, dtype=args.dtype, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
+    print(f"exported {args.path} as a Llama to {args.out}")
+    return 0
+
+
+def _merge_adapters(rack) -> None:
+    """Folds every adapter a loaded rack carries into its weights: a plain Llama has no adapters."""
+    if not getattr(rack, "peft_config", None):
+        return
+    from . import adapters
+
+    for name in adapters.adapter_names(rack):
+        logger.info("Merging adapter %s into the exported weights.", name)
+        adapters.merge_stack_adapter(rack, name)
+
+
+def _tokenizer_beside(path: str, revision: str | None):
+    """The tokenizer saved with a rack (directory or Hub repo), or None when it has none."""
+    from huggingface_hub import file_exists
+    from transformers import AutoTokenizer
+
+    name = "tokenizer_config.json"
+    has = os.path.isfile(os.path.join(path, name)) if os.path.isdir(path) else file_exists(path, name, revision=revision)
+    return AutoTokenizer.from_pretrained(path, revision=revision) if has else None
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from .planner import format_plan, plan_experiment
     from .training import ExperimentConfig
@@ -181,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--checkpoint", action="store_true", help="push PATH as a training checkpoint")
     push.add_argument("--path-in-repo", help="with --checkpoint: folder in the repo (default: the root)")
     push.set_defaults(func=cmd_push)
+
+    export = sub.add_parser("export", help="write a rack as a plain model folder (weights, config, tokenizer)")
+    export.add_argument("path", help="rack directory or Hub repo id; its adapters are merged into the export")
+    export.add_argument("out", help="directory to write")
+    export.add_argument("--to", choices=["llama"], default="llama", help="architecture to export to")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the export (default: the widest dtype in the rack; a warning names what is cast)")
+    export.add_argument("--max-shard-size", default="5GB")
+    export.add_argument("--revision")
+    export.set_defaults(func=cmd_export)
 
     plan = sub.add_parser("plan", help="predict each stage's peak device memory; say which stages fit")
     plan.add_argument("--config", required=True, help="experiment YAML")

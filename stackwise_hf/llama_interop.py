@@ -6,6 +6,8 @@ table (`model.layers.{g}` <-> `model.stacks.{i}.blocks.{j}`) plus a config trans
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import re
 
@@ -15,6 +17,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from .configuration_stackwise import StackWiseConfig
 from .modeling_stackwise import StackWiseForCausalLM
 from .serialization import is_adapter_key, rack_state_dict
+
+logger = logging.getLogger(__name__)
 
 _LLAMA_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _RACK_BLOCK = re.compile(r"^model\.stacks\.(\d+)\.blocks\.(\d+)\.(.+)$")
@@ -98,13 +102,14 @@ def from_llama(
     return rack
 
 
-def to_llama(rack: StackWiseForCausalLM, dtype: torch.dtype | None = None) -> LlamaForCausalLM:
+def to_llama(rack: StackWiseForCausalLM, dtype: torch.dtype | str | None = None) -> LlamaForCausalLM:
     """Exports a causal rack as a plain `LlamaForCausalLM` (adapters must be merged first).
 
     Args:
         rack: the rack.
-        dtype: dtype of the exported model; defaults to the rack's embedding dtype (float32 usually).
-            Stacks held in other dtypes are cast.
+        dtype: dtype of the exported model; defaults to the widest dtype in the rack (`export_dtype`), so
+            a float32 rack with a bf16 stack exports in float32. Parts held in another dtype are cast, and
+            a warning names them.
     """
     unmerged = sorted({k for k, _ in rack.named_parameters() if is_adapter_key(k)})
     if unmerged:
@@ -112,7 +117,10 @@ def to_llama(rack: StackWiseForCausalLM, dtype: torch.dtype | None = None) -> Ll
             f"The rack has unmerged adapter weights (e.g. {unmerged[0]}); merge them with "
             "`stackwise_hf.adapters.merge_stack_adapter` before exporting to Llama."
         )
-    dtype = dtype or rack.model.embed_tokens.weight.dtype
+    dtype = _as_dtype(dtype) if dtype is not None else export_dtype(rack)
+    converted = [f"{part} ({_name(d)})" for part, d in part_dtypes(rack).items() if d != dtype]
+    if converted:
+        logger.warning("Exporting to Llama in %s converts %s.", _name(dtype), ", ".join(converted))
     slot_to_layer = {}
     layer = 0
     for i, n in enumerate(rack.config.stack_sizes):
@@ -127,7 +135,62 @@ def to_llama(rack: StackWiseForCausalLM, dtype: torch.dtype | None = None) -> Ll
         state_dict[key] = tensor.to(dtype)
     llama = LlamaForCausalLM(llama_config_from_rack(rack.config)).to(dtype)
     _load_exact(llama, state_dict)
+    llama.generation_config = copy.deepcopy(rack.generation_config)
     return llama.to(rack.device)
+
+
+def save_llama(rack: StackWiseForCausalLM, save_directory: str | os.PathLike, dtype: torch.dtype | str | None = None,
+               tokenizer=None, max_shard_size: int | str = "5GB") -> str:
+    """Writes the rack as a plain Llama folder: config, generation config, safetensors, and the tokenizer
+    when given. `LlamaForCausalLM.from_pretrained` (or `AutoModelForCausalLM`) loads it without this
+    package. `dtype` as in `to_llama`. Returns the directory.
+
+    Example:
+
+    ```python
+    >>> from stackwise_hf.llama_interop import save_llama
+    >>> save_llama(rack, "llama-export", dtype="bfloat16", tokenizer=tokenizer)  # doctest: +SKIP
+    ```
+    """
+    llama = to_llama(rack, dtype)
+    llama.config.dtype = _name(llama.model.embed_tokens.weight.dtype)
+    llama.save_pretrained(save_directory, max_shard_size=max_shard_size)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(save_directory)
+    logger.info("Exported a %d-layer Llama (%s) to %s", llama.config.num_hidden_layers, llama.config.dtype,
+                save_directory)
+    return os.fspath(save_directory)
+
+
+def part_dtypes(rack: StackWiseForCausalLM) -> dict[str, torch.dtype]:
+    """The dtype of each part of the rack: "embeddings", "stack i", "final norm", and an untied "lm_head"."""
+    body = rack.base_model
+    parts = {"embeddings": body.embed_tokens.weight.dtype}
+    parts.update({f"stack {i}": stack.dtype for i, stack in enumerate(body.stacks)})
+    parts["final norm"] = body.norm.weight.dtype
+    if not rack.config.tie_word_embeddings:
+        parts["lm_head"] = rack.get_output_embeddings().weight.dtype
+    return parts
+
+
+def export_dtype(rack: StackWiseForCausalLM) -> torch.dtype:
+    """The widest dtype in the rack, which every part converts to without loss: its only dtype, or float32
+    for a mix (of float32, bfloat16 and float16, only float32 holds any two of them exactly)."""
+    dtypes = set(part_dtypes(rack).values())
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    allowed = ("float32", "bfloat16", "float16")
+    if dtype not in allowed:
+        raise ValueError(f"dtype {dtype!r} is not supported for a Llama export; allowed dtypes are {list(allowed)}.")
+    return getattr(torch, dtype)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _load_exact(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
