@@ -26,6 +26,7 @@ class TrainingArguments:
         per_device_eval_batch_size (`int`): sequences per process per evaluation batch.
         gradient_accumulation_steps (`int`): micro-batches per optimizer step.
         mixed_precision (`str`): "no", "bf16" or "fp16" autocast, through Accelerate.
+        use_cpu (`bool`): train on the CPU even where an accelerator is available (Accelerate's `cpu=True`).
         max_grad_norm (`float`, *optional*): gradient clipping norm; null disables clipping.
         logging_steps (`int`): optimizer steps between training-loss log lines.
         eval_steps (`int`, *optional*): optimizer steps between evaluations inside a stage; every stage
@@ -71,6 +72,7 @@ class TrainingArguments:
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"
+    use_cpu: bool = False
     max_grad_norm: float | None = 1.0
     logging_steps: int = 10
     eval_steps: int | None = None

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
@@ -85,12 +86,7 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
         self.args: TrainingArguments = self.experiment.training
         self.rack = rack
         self.train_dataset, self.eval_dataset, self.tokenizer = train_dataset, eval_dataset, tokenizer
-        self.accelerator = accelerator or Accelerator(
-            mixed_precision=self.args.mixed_precision,
-            gradient_accumulation_steps=self.args.gradient_accumulation_steps,
-            log_with=resolve_trackers(self.args.report_to) or None,
-            project_dir=self.args.output_dir,
-        )
+        self.accelerator = accelerator or build_accelerator(self.args)
         check_fsdp_support(self.accelerator, self.experiment.stages)
         keep_loss_in_float32(self.accelerator)
         self.state = TrainerState()
@@ -436,6 +432,27 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
         for name in (f"stack_{stage.stack}", "trunk"):
             if name in adapters.adapter_names(self.rack):
                 adapters.merge_stack_adapter(self.rack, name)
+
+
+def build_accelerator(args: TrainingArguments) -> Accelerator:
+    """A fresh `Accelerator` for a run's arguments, whatever an earlier trainer in this process set up.
+
+    Accelerate keeps process-wide singletons (`AcceleratorState`, `PartialState`, `GradientState`) and
+    refuses an `Accelerator` whose `mixed_precision` or `cpu` differs from the first one's. Like
+    transformers' `TrainingArguments`, which does the same before building its accelerator, this clears
+    them first (Accelerate offers no public reset; `_reset_state` is what its own test cases call). An
+    initialised process group is kept: `PartialState` attaches to it again. Trainers in one process
+    therefore run one after another, not interleaved: the previous trainer's accelerator sees the new state.
+    """
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return Accelerator(
+        cpu=args.use_cpu,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=resolve_trackers(args.report_to) or None,
+        project_dir=args.output_dir,
+    )
 
 
 class IndexedBlocks(Dataset):
