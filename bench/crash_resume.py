@@ -108,7 +108,7 @@ def overhead(steps: int | None) -> dict:
     info = trainer.get_training_info()
     shutil.rmtree(out, ignore_errors=True)
     saved = info["checkpoint_seconds"]
-    return {"save_interval": trainer.args.save_interval, "global_step": result["global_step"],
+    return {"save_interval": trainer.args.save_interval, "global_step": result.global_step,
             "checkpoints": info["checkpoints_saved"], "checkpoint_seconds": round(saved, 3),
             "training_seconds": round(seconds - saved, 2), "fraction": saved / (seconds - saved)}
 

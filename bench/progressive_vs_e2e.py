@@ -91,8 +91,8 @@ def worker(args) -> dict:
         evals = [(r["step"] * tokens_per_step, r["loss"]) for r in trainer.run_log.history if r["kind"] == "eval"]
         return {"objective": args.objective, "kind": args.kind, "seconds": seconds, "peak_bytes": peak,
                 "memory_kind": "max_memory_allocated" if cuda else "peak RSS", "evals": evals,
-                "stage_seconds": [s["seconds"] for s in result["stages"]],
-                "stack_sizes": result["stages"][-1]["stack_sizes"], "device": "cuda" if cuda else "cpu"}
+                "stage_seconds": [s.seconds for s in result.stages],
+                "stack_sizes": result.stages[-1].stack_sizes, "device": "cuda" if cuda else "cpu"}
 
 
 def main() -> None:

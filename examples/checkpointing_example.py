@@ -47,7 +47,7 @@ def main() -> None:
     result = resumed.train()
     info = resumed.get_training_info()
     print(f"Resumed from {info['resumed_from']} and trained to step {info['global_step']}: "
-          f"final loss {result['final_loss']:.3f}, eval loss {result['eval_loss']:.3f}.")
+          f"final loss {result.final_loss:.3f}, eval loss {result.eval_loss:.3f}.")
     print(f"Saving {info['checkpoints_saved']} checkpoints took {info['checkpoint_seconds']:.2f} s.")
 
     # 3. Read the newest checkpoint back and restore it into a fresh rack of the initial layout.
@@ -56,7 +56,7 @@ def main() -> None:
           f"stacks {latest['config']['stack_sizes']}, saved {latest['timestamp']}.")
     rack = StackWiseForCausalLM(ExperimentConfig.from_yaml(args.config).model)
     resumed.restore_from_checkpoint(latest["path"], rack, map_location="cpu")
-    print(f"Restored a rack with stacks {rack.config.stack_sizes}; the trained one is in {result['output_dir']}.")
+    print(f"Restored a rack with stacks {rack.config.stack_sizes}; the trained one is in {result.output_dir}.")
 
 
 if __name__ == "__main__":

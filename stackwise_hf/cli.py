@@ -32,8 +32,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = ProgressiveTrainer(experiment)
     result = trainer.train()
     if trainer.accelerator.is_main_process:
-        print(_stage_table(result["stages"]))
-        print(f"final rack: {result['output_dir']}")
+        print(_stage_table(result.stages))
+        print(f"final rack: {result.output_dir}")
     return 0
 
 
@@ -157,12 +157,12 @@ def load_rack_for_cli(path: str, revision: str | None = None):
     return auto.from_pretrained(path, revision=revision).eval()
 
 
-def _stage_table(stages: list[dict]) -> str:
+def _stage_table(stages) -> str:
     lines = [f"{'stage':<12}{'stacks':<14}{'steps':>6}{'first':>9}{'final':>9}{'eval':>9}{'ppl':>9}{'sec':>8}"]
     for s in stages:
         lines.append(
-            f"{s['name']:<12}{str(s['stack_sizes']):<14}{s['steps']:>6}{_f(s['first_loss'])}{_f(s['final_loss'])}"
-            f"{_f(s['eval_loss'])}{_f(s['perplexity'], 1)}{s['seconds']:>8.1f}"
+            f"{s.name:<12}{str(s.stack_sizes):<14}{s.steps:>6}{_f(s.first_loss)}{_f(s.final_loss)}"
+            f"{_f(s.eval_loss)}{_f(s.perplexity, 1)}{s.seconds:>8.1f}"
         )
     return "\n".join(lines)
 

@@ -28,6 +28,7 @@ from stackwise_hf.adapters import add_stack_adapter
 from stackwise_hf.training import ProgressiveTrainer, TrainerState
 from stackwise_hf.training.checkpointing import (
     CorruptCheckpointError,
+    activation_cache_index,
     load_activation_cache,
     load_optimizer,
     save_optimizer,
@@ -310,8 +311,10 @@ def test_guide_lora_activation_cache_and_restored_optimizer(guide_dir):
         # Activation cache is available
         activation_cache = checkpoint_data['activation_cache']
         print(f"Cached activations: {list(activation_cache.keys())}")
-    assert checkpoint_data["activation_cache"] == {"train": {"shape": [4, 8, 32], "dtype": "float32"},
-                                                   "eval": {"shape": [2, 8, 32], "dtype": "float32"}}
+    assert activation_cache_index(checkpoint_path) == {"train": {"shape": [4, 8, 32], "dtype": "float32"},
+                                                      "eval": {"shape": [2, 8, 32], "dtype": "float32"}}
+    assert sorted(checkpoint_data["activation_cache"]) == ["eval", "train"]
+    assert all(torch.equal(checkpoint_data["activation_cache"][k], activations[k]) for k in activations)
     loaded = load_activation_cache(checkpoint_path, map_location="cpu")
     assert all(torch.equal(loaded[k], activations[k]) for k in activations)
 
@@ -429,7 +432,7 @@ def test_objects_registered_with_accelerate_are_checkpointed_without_pickle(guid
     config = StackWiseConfig.from_yaml("config.yaml")
     trainer = ProgressiveTrainer(config=config)
     counter = _Counter()
-    trainer.accelerator.register_for_checkpointing(counter)
+    trainer.register_for_checkpointing(counter)
     counter.state.update(calls=7, scale=torch.arange(3.0), window=(1, 2.5))
     rack = StackWiseForCausalLM(copy.deepcopy(config))
     path = trainer.save_progressive_checkpoint(0, rack)
@@ -438,7 +441,7 @@ def test_objects_registered_with_accelerate_are_checkpointed_without_pickle(guid
     trainer.restore_from_checkpoint(path, rack)
     assert counter.state["calls"] == 7 and counter.state["window"] == (1, 2.5)
     assert torch.equal(counter.state["scale"], torch.arange(3.0))
-    trainer.accelerator.register_for_checkpointing(_Counter())
+    trainer.register_for_checkpointing(_Counter())
     with pytest.raises(CheckpointError, match="1 object.s. registered for checkpointing were saved; this run "
                                               "registered 2"):
         trainer.restore_from_checkpoint(path, rack)
@@ -486,13 +489,31 @@ def test_rotation_keeps_newest_and_best(tmp_path, caplog):
         trainer.state.global_step = step
         if eval_loss is not None:
             trainer.run_log.history.append({"kind": "eval", "step": step, "loss": eval_loss})
-        paths[step] = trainer.save_progressive_checkpoint(0, rack)
+        paths[step] = trainer.save_checkpoint("interval", rack, stack_idx=0)  # an automatic checkpoint
         if step == 3:
             Path(paths[3]).with_name("trainer_state.json").write_text("{}")  # damaged: kept, never counted
     listed = trainer.list_checkpoints()
     assert [c["step"] for c in listed] == [6, 5, 2]  # the newest two and the best by eval loss
     assert "checkpoint-00000003: trainer_state.json is 2 bytes on disk" in caplog.text
     assert os.path.isdir(Path(paths[3]).parent) and not os.path.exists(Path(paths[4]).parent)
+
+
+def test_rotation_never_deletes_explicit_saves(tmp_path):
+    trainer = ProgressiveTrainer(config=worker.experiment(str(tmp_path), "tiny", False))
+    trainer.args.save_total_limit = 1
+    rack = StackWiseForCausalLM(copy.deepcopy(trainer.experiment.model))
+    explicit = []
+    for step in range(1, 7):
+        trainer.state.global_step = step
+        if step in (1, 2):
+            explicit.append(trainer.save_progressive_checkpoint(0, rack))
+        elif step == 3:
+            explicit.append(trainer.save_rack_checkpoint(rack))
+        else:
+            trainer.save_checkpoint("interval" if step % 2 else "stage_end", rack, stack_idx=0)
+    listed = trainer.list_checkpoints()
+    assert [c["step"] for c in listed] == [6, 3, 2, 1]  # the guide's saves stay until the user removes them
+    assert all(os.path.isfile(path) for path in explicit)
 
 
 # Exact resume ----------------------------------------------------------------------------------------------
@@ -515,8 +536,8 @@ def test_resume_is_bit_identical_and_never_unpickles(reference, tmp_path, monkey
     result = trainer.train()
     assert trainer.get_training_info()["resumed_from"] == checkpoint["directory"]
     assert state_dicts_equal(_weights(trainer.rack), reference["weights"])
-    assert result["global_step"] == 24
-    assert [s["eval_loss"] for s in result["stages"]] == [s["eval_loss"] for s in reference["result"]["stages"]]
+    assert result.global_step == 24
+    assert [s.eval_loss for s in result.stages] == [s.eval_loss for s in reference["result"].stages]
     # The run log continues the interrupted one: the same records (train losses logged across the resume
     # average fewer steps), evaluations equal, and one record saying where it resumed.
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -722,7 +743,7 @@ def test_failed_save_leaves_earlier_checkpoints(tmp_path, monkeypatch):
     def disk_full(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpointing, "_seal", disk_full)
+    monkeypatch.setattr(checkpointing, "seal_checkpoint", disk_full)
     message = "saving the checkpoint failed .*No space left on device.*earlier checkpoints"
     with pytest.raises(CheckpointError, match=message):
         trainer.save_progressive_checkpoint(0, rack)
@@ -749,3 +770,28 @@ def test_examples_run(tmp_path, monkeypatch, capsys, script, args):
     out = capsys.readouterr().out
     assert "FAIL" not in out
     assert "All checks passed." in out or "Restored a rack with stacks [2, 2]" in out
+
+
+def test_train_rack_is_one_stage_of_the_trainer_loop_with_eval_and_trunk_cache(guide_dir):
+    config = StackWiseConfig.from_yaml("config.yaml")
+    trainer = ProgressiveTrainer(config=config, eval_dataset=synthetic_blocks(8, seed=1))
+    rack = StackWiseForCausalLM(copy.deepcopy(config))
+    dataloader = DataLoader(synthetic_blocks(24), batch_size=8)
+    first = trainer.train_rack(rack, dataloader, target_stacks=1)
+    assert first["eval_loss"] is not None and len(first["losses"]) == 4  # evaluated like a stage of train()
+    rack.append_stack(n_blocks=1)
+    trunk_before = {k: v.clone() for k, v in rack.state_dict().items() if k.startswith("model.stacks.0.")}
+    second = trainer.train_rack(rack, dataloader, target_stacks=2, trunk_mode="cache")
+    assert second["eval_loss"] is not None and trainer.trunk_cache is not None and trainer.trunk_cache.depth == 1
+    assert all(torch.equal(rack.state_dict()[k], v) for k, v in trunk_before.items())  # the trunk stayed frozen
+    path = trainer.save_progressive_checkpoint(stack_idx=1, rack_builder=rack)
+    cache = trainer.load_progressive_checkpoint(path)["activation_cache"]
+    assert sorted(cache) == ["eval", "train"]
+    assert cache["train"].shape == (24, 16, 32)
+    # The saved tensors are the frozen trunk's output over the dataloader's blocks; the cache ran them in other
+    # batches, so float32 sums may differ in the last bits (hence the tolerance).
+    with torch.no_grad():
+        body = rack.base_model
+        ids = torch.stack([row["input_ids"] for row in synthetic_blocks(24)])
+        hidden = body.forward_stacks(body.embed_tokens(ids), 0, 1, **body.attention_inputs(body.embed_tokens(ids)))
+    torch.testing.assert_close(cache["train"], hidden, rtol=1e-5, atol=1e-5)

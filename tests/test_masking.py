@@ -173,8 +173,8 @@ def test_masked_objectives_train_a_bidirectional_rack(tmp_path, name):
                                    "train": ["stack", "head", "embeddings"]}])
     result = trainer.train()
     assert trainer.rack.config.attention_mode == "bidirectional"
-    stage = result["stages"][0]
-    assert stage["final_loss"] < stage["first_loss"] - 0.25, stage
+    stage = result.stages[0]
+    assert stage.final_loss < stage.first_loss - 0.25, stage
 
 
 def test_bad_objective_section_fails_before_training(tmp_path):

@@ -166,10 +166,10 @@ def test_trunk_quantization_stages_train_save_and_resume_exactly(tmp_path, schem
         trainer.exit_stage(run)
     assert all(torch.equal(v, _trunk_codes(trainer.rack, 0)[k]) for k, v in codes.items())
     result = trainer.finish()
-    assert sorted(read_quantization_manifest(result["output_dir"])) == [0, 1]
+    assert sorted(read_quantization_manifest(result.output_dir)) == [0, 1]
 
-    reloaded = StackWiseForCausalLM(trainer.rack.config.__class__.from_pretrained(result["output_dir"]))
-    reloaded.load_rack(result["output_dir"])
+    reloaded = StackWiseForCausalLM(trainer.rack.config.__class__.from_pretrained(result.output_dir))
+    reloaded.load_rack(result.output_dir)
     ids = tokens(vocab=96)
     assert sorted(quantized_stacks(reloaded)) == [0, 1]
     assert torch.equal(reloaded.eval()(ids).logits, trainer.rack.eval()(ids).logits)

@@ -1,7 +1,10 @@
+import copy
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from stackwise_hf.training import ExperimentConfig, ProgressiveTrainer, StageConfig, resolve_schedule
+from stackwise_hf.training import ExperimentConfig, ObjectiveConfig, ProgressiveTrainer, StageConfig, resolve_schedule
 from stackwise_hf.training.stage import optimizer_groups
 from tiny import state_dicts_equal, synthetic_blocks, tiny_experiment, tiny_rack
 
@@ -61,10 +64,10 @@ def test_both_curricula_train(tmp_path, grow):
     trainer = _trainer(tmp_path, stages)
     result = trainer.train()
     assert trainer.rack.config.stack_sizes == [1, 1, 1]
-    assert [s["stack"] for s in result["stages"]] == ([0, 1, 2] if grow == "append" else [0, 0, 0])
-    for stage in result["stages"][1:]:
-        assert stage["final_loss"] < stage["first_loss"]
-    assert result["stages"][-1]["eval_loss"] < result["stages"][0]["eval_loss"] + 0.05
+    assert [s.stack for s in result.stages] == ([0, 1, 2] if grow == "append" else [0, 0, 0])
+    for stage in result.stages[1:]:
+        assert stage.final_loss < stage.first_loss
+    assert result.stages[-1].eval_loss < result.stages[0].eval_loss + 0.05
     assert (tmp_path / "run" / "log.jsonl").exists() and (tmp_path / "run" / "final" / "config.json").exists()
 
 
@@ -86,7 +89,7 @@ def test_gradient_accumulation_and_epochs(tmp_path):
     trainer = _trainer(tmp_path, [{"num_epochs": 2}], gradient_accumulation_steps=2)
     result = trainer.train()
     # 64 blocks / batch 8 = 8 micro-batches per epoch -> 4 optimizer steps per epoch.
-    assert result["global_step"] == 8 and trainer.state.epoch == 2
+    assert result.global_step == 8 and trainer.state.epoch == 2
 
 
 def test_schedule_errors_name_the_stage():
@@ -135,3 +138,37 @@ def test_experiment_overrides(tmp_path):
         ExperimentConfig.from_dict({"model": {}, "trainig": {}})
     with pytest.raises(ValueError, match="not an index"):
         ExperimentConfig.from_yaml("configs/default.yaml", overrides=["stages.9.max_steps=3"])
+
+
+class _Tokenizer(SimpleNamespace):
+    def save_pretrained(self, directory):
+        pass
+
+
+def test_the_same_experiment_twice_gives_identical_results_and_stays_unchanged(tmp_path):
+    stages = [{"max_steps": 3, "train": ["stack", "head", "embeddings"], "objective": "mlm"},
+              {"grow": "append", "n_blocks": 1, "max_steps": 3, "objective": "mlm"}]
+    experiment = tiny_experiment(tmp_path, stages)
+    before = copy.deepcopy(experiment)
+    results = []
+    for run in ("a", "b"):
+        experiment.training.output_dir = str(tmp_path / run)
+        trainer = ProgressiveTrainer(experiment, train_dataset=synthetic_blocks(32), eval_dataset=synthetic_blocks(8, seed=1),
+                                     tokenizer=_Tokenizer(mask_token_id=3, pad_token_id=0))
+        results.append((trainer.train(), {k: v.clone() for k, v in trainer.rack.state_dict().items()}))
+    # The caller's config is not touched: not the attention mode of a masked rack, nor token ids from the tokenizer.
+    assert experiment.model.attention_mode == before.model.attention_mode == "causal"
+    assert experiment.model.mask_token_id is None and experiment.model.to_dict() == before.model.to_dict()
+    assert experiment.objective == before.objective and experiment.stages == before.stages
+    (first, weights_a), (second, weights_b) = results
+    assert [s.final_loss for s in first.stages] == [s.final_loss for s in second.stages]
+    assert [s.eval_loss for s in first.stages] == [s.eval_loss for s in second.stages]
+    assert state_dicts_equal(weights_a, weights_b)
+
+
+def test_objective_section_is_typed_and_refuses_unknown_keys(tmp_path):
+    with pytest.raises(ValueError, match=r"objective: unknown ObjectiveConfig field\(s\) \['mask_ratoi'\]; allowed fields "
+                                         r"are \['seed', 'mlm_probability'"):
+        ExperimentConfig.from_dict({"model": {}, "objective": {"mask_ratoi": 0.3}})
+    experiment = ExperimentConfig.from_dict({"model": {}, "objective": {"mlm_probability": 0.3}})
+    assert isinstance(experiment.objective, ObjectiveConfig) and experiment.objective.mlm_probability == 0.3

@@ -64,7 +64,7 @@ CUSTOM_DIR = "custom"
 ACTIVATION_CACHE_DIR = "activation_cache"
 PREFIX = "checkpoint-"
 TMP_SUFFIX = ".tmp"
-_NAME = re.compile(r"^checkpoint-\d{8,}(?:-\d+)?$")
+CHECKPOINT_NAME = re.compile(r"^checkpoint-\d{8,}(?:-\d+)?$")
 _ADAPTER_MANIFEST = "adapters/stackwise_adapters.json"  # adapter_files.MANIFEST_PATH, without importing peft
 _REQUIRED = (TRAINER_STATE_NAME, RUN_STATE_NAME, f"{RACK_DIR}/config.json", f"{RACK_DIR}/{serialization.INDEX_NAME}")
 
@@ -198,7 +198,7 @@ def _walk_files(root: str) -> list[str]:
     return sorted(found)
 
 
-def _fsync(path: str, directory: bool = False) -> None:
+def fsync_path(path: str, directory: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
     try:
         os.fsync(fd)
@@ -206,12 +206,12 @@ def _fsync(path: str, directory: bool = False) -> None:
         os.close(fd)
 
 
-def _seal(tmp: str, summary: dict) -> dict:
+def seal_checkpoint(tmp: str, summary: dict) -> dict:
     """Hashes every file of a finished checkpoint, flushes them to disk and writes the manifest last."""
     files = {}
     for rel in _walk_files(tmp):
         full = os.path.join(tmp, rel)
-        _fsync(full)
+        fsync_path(full)
         files[rel] = {"size": os.path.getsize(full), "sha256": _sha256(full)}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "summary": summary, "files": files}
     path = os.path.join(tmp, MANIFEST_NAME)
@@ -220,7 +220,7 @@ def _seal(tmp: str, summary: dict) -> dict:
         f.flush()
         os.fsync(f.fileno())
     for directory, _, _ in os.walk(tmp):
-        _fsync(directory, directory=True)
+        fsync_path(directory, directory=True)
     return manifest
 
 
@@ -410,7 +410,7 @@ def load_optimizer(optimizer, rack, directory: str | os.PathLike) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
-def _repoint(optimizer, rack, names: list[list[str]], where: str) -> None:
+def repoint_optimizer(optimizer, rack, names: list[list[str]], where: str) -> None:
     """Points the optimizer's groups at the rack's parameters of the same names (after a restore replaced some)."""
     params = dict(rack.named_parameters())
     missing = sorted(n for group in names for n in group if n not in params)

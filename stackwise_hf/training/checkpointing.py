@@ -1,8 +1,9 @@
 """Training checkpoints: crash-safe, verified, listed, rotated, and exact to resume.
 
-`CheckpointManager` saves, lists, rotates and restores the checkpoints of one trainer;
-`CheckpointingMixin` is the trainer's public checkpoint API. What a checkpoint directory holds, and how
-it is verified, is `checkpoint_format`'s.
+`CheckpointManager` saves, lists, rotates and restores checkpoints, with explicit inputs and outputs: it
+writes the `CheckpointContents` it is given and returns what it `Restored`; it never sees the trainer.
+What a checkpoint directory holds, and how it is verified, is `checkpoint_format`'s. The guide's
+checkpoint methods on the trainer are in `compat.py`.
 
 A checkpoint is known by its manifest: `path` in `list_checkpoints()` entries is `<dir>/manifest.json`,
 and removing that file (as the guide's cleanup does with `os.remove(checkpoint['path'])`) retires the
@@ -30,13 +31,15 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import save_file
 
 from .. import serialization
+from ..hub import resolve_checkpoint_location
 from ..errors import CheckpointError, CorruptFileError, ShapeMismatchError
 from .checkpoint_format import (
     ACTIVATION_CACHE_DIR,
@@ -48,11 +51,11 @@ from .checkpoint_format import (
     RUN_STATE_NAME,
     TMP_SUFFIX,
     TRAINER_STATE_NAME,
-    _NAME,
+    CHECKPOINT_NAME,
     CorruptCheckpointError,
-    _fsync,
-    _repoint,
-    _seal,
+    fsync_path,
+    repoint_optimizer,
+    seal_checkpoint,
     capture_rng,
     checkpoint_directory,
     load_optimizer,
@@ -63,37 +66,79 @@ from .checkpoint_format import (
     verify_checkpoint,
     write_state,
 )
-from .fsdp import gathered_optimizer_state, plain_copy, uses_fsdp
 from .state import TrainerState
+from .trunk_cache import TrunkCache
 
 logger = logging.getLogger(__name__)
 
 
 # The manager ---------------------------------------------------------------------------------------------
 
+ROTATED_KINDS = ("interval", "stage_end")  # the trainer's automatic checkpoints; explicit saves are never rotated
+
 
 @dataclasses.dataclass
-class _Pending:
-    """What a mid-stage checkpoint restores into the stage's run once the trainer rebuilds it."""
+class CheckpointContents:
+    """Everything one checkpoint holds; the trainer fills it in, `CheckpointManager.save` writes it.
+
+    Args:
+        kind: "interval" or "stage_end" (automatic, rotated), or "progressive" / "rack" (saved explicitly
+            through the guide's API; kept until the user removes them).
+        rack: the rack (plain weights: under FSDP, a gathered copy).
+        state: the trainer state, its `log_history` filled in.
+        stack_idx: the stack being trained (recorded in the listing).
+        optimizer / scheduler / scaler: saved when given (the optimizer keyed by parameter name).
+        optimizer_state: the optimizer's state dict when it is not `optimizer.state_dict()` (gathered shards).
+        objects: objects registered for checkpointing (`state_dict` / `load_state_dict`), in order.
+        activation_cache: a mapping of names to tensors, or an object with `save(directory)` (a `TrunkCache`).
+        epoch / loss / eval_loss: recorded in the listing.
+        run_state: resume bookkeeping (`accelerator_step`, `seed`, `schedule_origin`, `stage_total_steps`).
+    """
+
+    kind: str
+    rack: object
+    state: TrainerState
+    stack_idx: int
+    optimizer: object = None
+    scheduler: object = None
+    scaler: object = None
+    optimizer_state: dict | None = None
+    objects: Sequence = ()
+    activation_cache: object = None
+    epoch: int | None = None
+    loss: float | None = None
+    eval_loss: float | None = None
+    run_state: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Restored:
+    """What `CheckpointManager.restore` put back, for the trainer to adopt: the checkpoint's directory,
+    trainer state and resume bookkeeping, and the stack layout its rack was saved with."""
 
     directory: str
-    stage: int
+    state: TrainerState
     run_state: dict
+    stack_sizes: list[int]
+
+    @property
+    def mid_stage(self) -> bool:
+        return self.state.stage_entered
 
 
 class CheckpointManager:
-    """Saves, lists, verifies, rotates and restores the checkpoints of one `ProgressiveTrainer`.
+    """Saves, lists, verifies, rotates and restores checkpoints under `args.resolved_checkpoint_dir`.
 
-    The trainer calls `after_setup` (resume), `restore_run` (end of `enter_stage`), `step_end` (after each
-    optimizer step) and `stage_end` (in `exit_stage`); the public methods of `CheckpointingMixin` wrap the rest.
+    Inputs are explicit: `save` writes a `CheckpointContents`; `restore` puts a checkpoint's rack, RNG,
+    scaler and registered objects back and returns a `Restored`; `restore_run` puts a mid-stage
+    checkpoint's optimizer, scheduler and RNG into a rebuilt stage. The `Accelerator` is used for what
+    it is (process rank and count, barriers); the `TrainingArguments` for the directory, rotation limit
+    and hash checking, read at each call.
     """
 
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.pending: _Pending | None = None
-        self.resumed_from: str | None = None
-        self.schedule_origin: list[int] | None = None
-        self.restored_origin: list[int] | None = None
+    def __init__(self, args, accelerator):
+        self.args = args
+        self.accelerator = accelerator
         self.save_seconds = 0.0
         self.saves = 0
         self.last_saved: str | None = None
@@ -101,45 +146,34 @@ class CheckpointManager:
 
     @property
     def root(self) -> Path:
-        return Path(self.trainer.args.resolved_checkpoint_dir)
+        return Path(self.args.resolved_checkpoint_dir)
 
     # Saving -----------------------------------------------------------------------------------------
 
-    def save(self, kind: str, rack, run=None, optimizer=None, stack_idx: int | None = None, epoch=None, loss=None,
-             activation_cache=None) -> str:
+    def save(self, contents: CheckpointContents) -> str:
         """Writes one checkpoint (every process must call this); returns the path of its manifest."""
         started = time.perf_counter()
-        trainer, accelerator = self.trainer, self.trainer.accelerator
-        state = trainer.state
-        state.log_history = list(trainer.run_log.history)
-        root = self.root
+        accelerator, root = self.accelerator, self.root
         try:
-            name = self._new_name(root, state.global_step) if accelerator.is_main_process else None
+            name = self._new_name(root, contents.state.global_step) if accelerator.is_main_process else None
         except OSError as err:
             raise CheckpointError(f"{root}: cannot create the checkpoint directory ({err}).") from err
         if accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
             name = broadcast_object_list([name])[0]
         final, tmp = root / name, root / f"{name}{TMP_SUFFIX}"
-        optimizer_state = None
-        if run is not None and uses_fsdp(accelerator):  # mid-stage under FSDP: gather the shards (fsdp.py)
-            rack = plain_copy(rack, run.module)
-            optimizer_state = gathered_optimizer_state(optimizer if optimizer is not None else run.optimizer)
         try:
             if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                self._write_main_parts(tmp, rack, run, optimizer, activation_cache, optimizer_state)
+                self._write_main_parts(tmp, contents)
             write_state(tmp / RNG_DIR, f"process_{accelerator.process_index}", capture_rng())
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                summary = self._summary(kind, rack, run, optimizer, stack_idx, epoch, loss, tmp)
-                _seal(os.fspath(tmp), summary)
+                seal_checkpoint(os.fspath(tmp), self._summary(contents, tmp))
                 os.replace(tmp, final)
-                _fsync(os.fspath(root), directory=True)
+                fsync_path(os.fspath(root), directory=True)
                 self._rotate(keep=final)
         except BaseException as err:
             if accelerator.is_main_process:
@@ -153,7 +187,8 @@ class CheckpointManager:
         self.save_seconds += time.perf_counter() - started
         self.saves += 1
         self.last_saved = os.fspath(final / MANIFEST_NAME)
-        logger.info("Saved %s checkpoint %s (step %d, stage %d).", kind, final, state.global_step, state.stage)
+        logger.info("Saved %s checkpoint %s (step %d, stage %d).", contents.kind, final, contents.state.global_step,
+                    contents.state.stage)
         return self.last_saved
 
     def _new_name(self, root: Path, global_step: int) -> str:
@@ -164,100 +199,41 @@ class CheckpointManager:
             name = f"{PREFIX}{global_step:08d}-{k}"
         return name
 
-    def _write_main_parts(self, tmp: Path, rack, run, optimizer, activation_cache, optimizer_state=None) -> None:
-        trainer, accelerator = self.trainer, self.trainer.accelerator
+    def _write_main_parts(self, tmp: Path, contents: CheckpointContents) -> None:
+        rack = contents.rack
         rack.save_rack(tmp / RACK_DIR)
-        (tmp / TRAINER_STATE_NAME).write_text(trainer.state.to_json(), encoding="utf-8")
-        optimizer = optimizer if optimizer is not None else (run.optimizer if run is not None else None)
-        if optimizer is not None:
-            save_optimizer(optimizer, rack, tmp, state_dict=optimizer_state)
-        if run is not None and run.scheduler is not None:
-            write_state(tmp, "scheduler", run.scheduler.state_dict())
-        if accelerator.scaler is not None:
-            write_state(tmp, "scaler", accelerator.scaler.state_dict())
-        for i, obj in enumerate(accelerator._custom_objects):
+        (tmp / TRAINER_STATE_NAME).write_text(contents.state.to_json(), encoding="utf-8")
+        if contents.optimizer is not None:
+            save_optimizer(contents.optimizer, rack, tmp, state_dict=contents.optimizer_state)
+        if contents.scheduler is not None:
+            write_state(tmp, "scheduler", contents.scheduler.state_dict())
+        if contents.scaler is not None:
+            write_state(tmp, "scaler", contents.scaler.state_dict())
+        for i, obj in enumerate(contents.objects):
             write_state(tmp / CUSTOM_DIR, f"object_{i}", obj.state_dict())
-        self._write_activation_cache(tmp, activation_cache)
+        _write_activation_cache(tmp, contents.activation_cache)
         run_state = {
-            "accelerator_step": accelerator.step,
-            "num_processes": accelerator.num_processes,
-            "seed": trainer.args.seed,
-            "schedule_origin": self.schedule_origin,
-            "stage_total_steps": run.total_steps if run is not None else None,
-            "has_scheduler": run is not None and run.scheduler is not None,
-            "custom_objects": len(accelerator._custom_objects),
+            "accelerator_step": 0, "seed": None, "schedule_origin": None, "stage_total_steps": None,
+            **contents.run_state,
+            "num_processes": self.accelerator.num_processes,
+            "has_scheduler": contents.scheduler is not None,
+            "custom_objects": len(contents.objects),
         }
         (tmp / RUN_STATE_NAME).write_text(json.dumps(run_state, indent=1), encoding="utf-8")
 
-    def _write_activation_cache(self, tmp: Path, activation_cache) -> None:
-        trainer = self.trainer
-        if activation_cache is None and trainer.args.save_activation_cache:
-            cache = getattr(trainer, "trunk_cache", None)
-            if cache is not None and getattr(cache, "fingerprint", None) is not None:
-                activation_cache = cache
-        if activation_cache is None:
-            return
-        target = tmp / ACTIVATION_CACHE_DIR
-        if isinstance(activation_cache, Mapping):
-            tensors = {str(k): v.detach().to("cpu").contiguous() for k, v in activation_cache.items()}
-            target.mkdir()
-            save_file(tensors, os.fspath(target / "activations.safetensors"), metadata={"format": "pt"})
-            index = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
-                     for k, v in tensors.items()}
-            (target / "index.json").write_text(json.dumps({"activations": index}, indent=1), encoding="utf-8")
-        elif hasattr(activation_cache, "save"):
-            activation_cache.save(target)
-        else:
-            raise TypeError(
-                f"activation_cache must be a mapping of names to tensors or an object with `save(directory)` "
-                f"(a TrunkCache); got {type(activation_cache).__name__}."
-            )
-
-    def _summary(self, kind, rack, run, optimizer, stack_idx, epoch, loss, tmp: Path) -> dict:
-        state = self.trainer.state
-        history = self.trainer.run_log.history
-        if stack_idx is None:
-            stack_idx = self._current_stack(rack, run)
-        if loss is None:
-            loss = next((r["loss"] for r in reversed(history) if r["kind"] == "train"), None)
-        last_eval = next((r for r in reversed(history) if r["kind"] == "eval"), None)
-        eval_loss = last_eval["loss"] if last_eval is not None and last_eval["step"] == state.global_step else None
+    def _summary(self, contents: CheckpointContents, tmp: Path) -> dict:
+        state = contents.state
         now = datetime.datetime.now(datetime.timezone.utc)
         return {
-            "kind": kind, "global_step": state.global_step, "step": state.global_step, "stage": state.stage,
+            "kind": contents.kind, "global_step": state.global_step, "step": state.global_step, "stage": state.stage,
             "stage_entered": state.stage_entered, "stage_step": state.stage_step,
-            "stack_idx": stack_idx, "epoch": state.epoch if epoch is None else epoch,
-            "loss": None if loss is None else float(loss), "eval_loss": eval_loss,
+            "stack_idx": contents.stack_idx, "epoch": state.epoch if contents.epoch is None else contents.epoch,
+            "loss": None if contents.loss is None else float(contents.loss), "eval_loss": contents.eval_loss,
             "timestamp": now.isoformat(), "time": now.timestamp(),
-            "stack_sizes": list(rack.config.stack_sizes), "num_processes": self.trainer.accelerator.num_processes,
+            "stack_sizes": list(contents.rack.config.stack_sizes), "num_processes": self.accelerator.num_processes,
             "has_optimizer": (tmp / "optimizer.json").exists(),
             "has_activation_cache": (tmp / ACTIVATION_CACHE_DIR).exists(),
         }
-
-    def _current_stack(self, rack, run) -> int:
-        if run is not None:
-            return run.stage.stack
-        trainer, state = self.trainer, self.trainer.state
-        schedule = trainer.schedule
-        if schedule and state.stage_entered and state.stage < len(schedule):
-            return schedule[state.stage].stack
-        if schedule and not state.stage_entered and 0 < state.stage <= len(schedule):
-            return schedule[state.stage - 1].stack
-        return rack.num_stacks - 1
-
-    # Automatic checkpoints (called by the trainer) ------------------------------------------------------
-
-    def step_end(self, run) -> str | None:
-        """Saves every `save_interval` optimizer steps; not on a stage's last step (`stage_end` saves then)."""
-        interval = self.trainer.args.save_interval
-        state = self.trainer.state
-        if interval and state.global_step % interval == 0 and state.stage_step < run.total_steps:
-            return self.save("interval", self.trainer.rack, run=run)
-        return None
-
-    def stage_end(self, run) -> str:
-        """Saves at the end of every stage (the state's cursor already points at the next stage)."""
-        return self.save("stage_end", self.trainer.rack, stack_idx=run.stage.stack)
 
     # Listing and rotation ------------------------------------------------------------------------------
 
@@ -269,8 +245,8 @@ class CheckpointManager:
         if not root.is_dir():
             return []
         for entry in sorted(root.iterdir()):
-            unfinished = entry.name.endswith(TMP_SUFFIX) and _NAME.match(entry.name.removesuffix(TMP_SUFFIX))
-            if not entry.is_dir() or not (_NAME.match(entry.name) or unfinished):
+            unfinished = entry.name.endswith(TMP_SUFFIX) and CHECKPOINT_NAME.match(entry.name.removesuffix(TMP_SUFFIX))
+            if not entry.is_dir() or not (CHECKPOINT_NAME.match(entry.name) or unfinished):
                 continue
             if unfinished:
                 invalid.append({"path": os.fspath(entry / MANIFEST_NAME), "directory": os.fspath(entry), "valid": False,
@@ -302,7 +278,7 @@ class CheckpointManager:
     def latest(self) -> str | None:
         """The newest checkpoint that passes full verification (hashes per `verify_checkpoint_hashes`);
         damaged ones are skipped with a warning that says why."""
-        hashes = self.trainer.args.verify_checkpoint_hashes
+        hashes = self.args.verify_checkpoint_hashes
         for entry in self.list():
             try:
                 verify_checkpoint(entry["directory"], hashes=hashes)
@@ -314,8 +290,9 @@ class CheckpointManager:
         return None
 
     def _rotate(self, keep: Path) -> None:
-        """Deletes retired checkpoints and leftovers of interrupted saves, then rotates to `save_total_limit`,
-        never deleting the newest valid checkpoint or the best one by eval loss. Damaged ones are kept."""
+        """Deletes retired checkpoints and leftovers of interrupted saves, then rotates the automatic
+        checkpoints (`ROTATED_KINDS`) to `save_total_limit`. Never deleted: the newest valid checkpoint, the
+        best one by eval loss, the one just written, checkpoints saved explicitly, damaged ones."""
         root = self.root
         for entry in root.iterdir():
             if entry.name.startswith(PREFIX) and entry.name.endswith(TMP_SUFFIX) and entry.is_dir():
@@ -326,15 +303,16 @@ class CheckpointManager:
             if not entry["valid"] and entry["retired"] and not entry["unfinished"]:
                 logger.info("Removing retired checkpoint %s (its manifest was removed).", entry["directory"])
                 shutil.rmtree(entry["directory"], ignore_errors=True)
-        limit = self.trainer.args.save_total_limit
+        limit = self.args.save_total_limit
         valid = [e for e in entries if e["valid"]]
-        if limit is None or len(valid) <= limit:
+        rotated = [e for e in valid if e["kind"] in ROTATED_KINDS]
+        if limit is None or len(rotated) <= limit:
             return
-        kept = {e["directory"] for e in valid[:limit]} | {valid[0]["directory"], os.fspath(keep)}
+        kept = {e["directory"] for e in rotated[:limit]} | {valid[0]["directory"], os.fspath(keep)}
         scored = [e for e in valid if e["eval_loss"] is not None]
         if scored:
             kept.add(min(scored, key=lambda e: e["eval_loss"])["directory"])
-        for entry in valid:
+        for entry in rotated:
             if entry["directory"] not in kept:
                 remove_checkpoint(entry["directory"])
 
@@ -350,8 +328,6 @@ class CheckpointManager:
         if os.path.isdir(directory):
             return directory
         if not os.path.exists(path) and not os.path.isabs(path) and not path.startswith("."):
-            from ..hub import resolve_checkpoint_location
-
             try:  # "namespace/name[@revision][/folder]": downloaded and verified against the Hub's hashes
                 return resolve_checkpoint_location(path)
             except FileNotFoundError as err:
@@ -360,8 +336,9 @@ class CheckpointManager:
                               f"'latest', or a Hub repo id).")
 
     def read(self, path, verify_hashes: bool | None = None) -> dict:
-        """The checkpoint's data (`load_progressive_checkpoint`)."""
-        hashes = self.trainer.args.verify_checkpoint_hashes if verify_hashes is None else verify_hashes
+        """A verified checkpoint's listing entry plus `config` (the rack's), `trainer_state`, `run_state`,
+        `files` and, when one was saved, `activation_cache` (tensors by name, read lazily)."""
+        hashes = self.args.verify_checkpoint_hashes if verify_hashes is None else verify_hashes
         directory = self.resolve(path)
         if directory is None:
             raise CheckpointError(f"no valid checkpoint in {self.root}.")
@@ -371,18 +348,18 @@ class CheckpointManager:
             config = json.load(f)
         data = {**_entry(Path(directory), manifest), "config": config, "trainer_state": dataclasses.asdict(state),
                 "run_state": _read_json(directory, RUN_STATE_NAME), "files": sorted(manifest["files"])}
-        index = activation_cache_index(directory)
-        if index is not None:
-            data["activation_cache"] = index
+        activations = activation_tensors(directory)
+        if activations is not None:
+            data["activation_cache"] = activations
         return data
 
-    def restore(self, path, rack, optimizer=None, map_location=None, verify_hashes: bool | None = None,
-                for_schedule: bool = False) -> str:
-        """Restores rack, adapters, trainer state, RNG, scaler and registered objects now; optimizer, scheduler,
-        RNG again and Accelerate's step counter when the stage's run is rebuilt (mid-stage checkpoints).
-        Returns the directory."""
-        trainer, accelerator = self.trainer, self.trainer.accelerator
-        hashes = trainer.args.verify_checkpoint_hashes if verify_hashes is None else verify_hashes
+    def restore(self, path, rack, *, optimizer=None, map_location=None, verify_hashes: bool | None = None,
+                objects: Sequence = (), scaler=None, accept=None) -> Restored:
+        """Verifies a checkpoint and puts back, now: the rack in place (stack layout, weights, dtypes,
+        adapters), this process's RNG states, the scaler and the `objects` registered for checkpointing,
+        and with `optimizer` its state (matched by name). Returns what the trainer adopts (`Restored`).
+        `accept(restored)`, when given, may refuse the checkpoint (by raising) before anything changes."""
+        hashes = self.args.verify_checkpoint_hashes if verify_hashes is None else verify_hashes
         directory = self.resolve(path)
         if directory is None:
             raise CheckpointError(f"no valid checkpoint in {self.root}.")
@@ -391,15 +368,15 @@ class CheckpointManager:
         self._verified = None
         state = _read_trainer_state(directory)
         run_state = _read_json(directory, RUN_STATE_NAME)
-        with open(os.path.join(directory, RACK_DIR, "config.json"), encoding="utf-8") as f:
-            saved_sizes = json.load(f).get("stack_sizes")
-        if for_schedule:
-            self._check_fits_schedule(directory, state, saved_sizes)
-        if state.stage_entered and run_state["num_processes"] != accelerator.num_processes:
+        saved_sizes = _read_json(os.path.join(directory, RACK_DIR), "config.json").get("stack_sizes")
+        restored = Restored(directory, state, run_state, list(saved_sizes or []))
+        if accept is not None:
+            accept(restored)
+        if state.stage_entered and run_state["num_processes"] != self.accelerator.num_processes:
             raise CheckpointError(
                 f"{directory}: written mid-stage by {run_state['num_processes']} process(es); this run has "
-                f"{accelerator.num_processes}, so the data position and random streams would not line up. Resume "
-                "with the same number of processes, or from a stage-end checkpoint."
+                f"{self.accelerator.num_processes}, so the data position and random streams would not line up. "
+                "Resume with the same number of processes, or from a stage-end checkpoint."
             )
         if optimizer is not None:
             if not os.path.isfile(os.path.join(directory, "optimizer.json")):
@@ -415,41 +392,27 @@ class CheckpointManager:
         if map_location is not None:
             rack.to(map_location)
         if optimizer is not None:
-            _repoint(optimizer, rack, optimized, directory)
+            repoint_optimizer(optimizer, rack, optimized, directory)
             load_optimizer(optimizer, rack, directory)
-        trainer.rack = rack
-        trainer.state = state
-        trainer.run_log.history = list(state.log_history)
-        self._rewrite_log()
         self._restore_rng(directory)
-        self._restore_accelerator_objects(directory, run_state)
-        self.pending = _Pending(directory, state.stage, run_state) if state.stage_entered else None
-        self.restored_origin = run_state.get("schedule_origin")
-        self.resumed_from = directory
+        self._restore_objects(directory, run_state, objects, scaler)
         logger.info("Restored %s: stage %d (%s), global step %d.", directory, state.stage,
                     "mid-stage" if state.stage_entered else "at a stage boundary", state.global_step)
-        return directory
+        return restored
 
-    def _check_fits_schedule(self, directory: str, state: TrainerState, saved_sizes) -> None:
-        schedule = self.trainer.schedule
-        if state.stage > len(schedule) or (state.stage_entered and state.stage >= len(schedule)):
-            raise CheckpointError(f"{directory}: its stage cursor ({state.stage}) is beyond this schedule's "
-                                  f"{len(schedule)} stages.")
-        if state.stage_entered:
-            expected = list(schedule[state.stage].stack_sizes)
-        elif state.stage > 0:
-            expected = list(schedule[state.stage - 1].stack_sizes)
-        else:
-            expected = list(self.schedule_origin or [])
-        if list(saved_sizes or []) != expected:
-            raise CheckpointError(
-                f"{directory}: its rack has stacks {saved_sizes}; at stage {state.stage} "
-                f"({'inside' if state.stage_entered else 'before'} it) this schedule expects {expected}. "
-                "The checkpoint belongs to another run or schedule."
-            )
+    def restore_run(self, restored: Restored, optimizer, scheduler, rack) -> None:
+        """Puts a mid-stage checkpoint's optimizer, LR scheduler and RNG states into the stage's rebuilt
+        objects (the RNG again: building the stage drew from it)."""
+        directory = restored.directory
+        if not os.path.isfile(os.path.join(directory, "optimizer.json")):
+            raise CheckpointError(f"{directory}: a mid-stage checkpoint without optimizer state cannot be resumed.")
+        load_optimizer(optimizer, rack, directory)
+        if restored.run_state.get("has_scheduler") and scheduler is not None:
+            scheduler.load_state_dict(read_state(directory, "scheduler"))
+        self._restore_rng(directory)
 
     def _restore_rng(self, directory: str) -> None:
-        rank = self.trainer.accelerator.process_index
+        rank = self.accelerator.process_index
         stem = f"process_{rank}"
         rng_dir = os.path.join(directory, RNG_DIR)
         if not os.path.isfile(os.path.join(rng_dir, f"{stem}.json")):
@@ -458,81 +421,17 @@ class CheckpointManager:
             return
         restore_rng(read_state(rng_dir, stem), os.path.join(rng_dir, f"{stem}.json"))
 
-    def _restore_accelerator_objects(self, directory: str, run_state: dict) -> None:
-        """The GradScaler (its scale carries across stages) and the objects registered with
-        `accelerator.register_for_checkpointing`, in registration order."""
-        accelerator = self.trainer.accelerator
-        if accelerator.scaler is not None and os.path.isfile(os.path.join(directory, "scaler.json")):
-            accelerator.scaler.load_state_dict(read_state(directory, "scaler"))
-        saved, registered = run_state.get("custom_objects", 0), len(accelerator._custom_objects)
+    def _restore_objects(self, directory: str, run_state: dict, objects: Sequence, scaler) -> None:
+        """The GradScaler (its scale carries across stages) and the objects registered for checkpointing,
+        in registration order."""
+        if scaler is not None and os.path.isfile(os.path.join(directory, "scaler.json")):
+            scaler.load_state_dict(read_state(directory, "scaler"))
+        saved, registered = run_state.get("custom_objects", 0), len(objects)
         if saved != registered:
             raise CheckpointError(f"{directory}: {saved} object(s) registered for checkpointing were saved; this run "
                                   f"registered {registered}.")
-        for i, obj in enumerate(accelerator._custom_objects):
+        for i, obj in enumerate(objects):
             obj.load_state_dict(read_state(os.path.join(directory, CUSTOM_DIR), f"object_{i}"))
-
-    def _rewrite_log(self) -> None:
-        run_log = self.trainer.run_log
-        if self.trainer.accelerator.is_main_process:
-            os.makedirs(os.path.dirname(run_log.path) or ".", exist_ok=True)
-            with open(run_log.path, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in run_log.history)
-
-    def after_setup(self) -> None:
-        """End of `setup`: records the layout the schedule starts from, then resumes when asked to."""
-        trainer = self.trainer
-        if self.resumed_from is not None:
-            # Restored before `train()` (restore_from_checkpoint): the schedule starts from the saved run's layout.
-            if self.restored_origin is not None:
-                from .schedule import resolve_schedule
-
-                trainer.schedule = resolve_schedule(trainer.experiment.stages, self.restored_origin,
-                                                    trainer.args.max_stacks)
-                self.schedule_origin = list(self.restored_origin)
-                state = trainer.state
-                with open(os.path.join(self.resumed_from, RACK_DIR, "config.json"), encoding="utf-8") as f:
-                    self._check_fits_schedule(self.resumed_from, state, json.load(f).get("stack_sizes"))
-            return
-        self.schedule_origin = list(trainer.rack.config.stack_sizes)
-        spec = trainer.args.resume_from_checkpoint
-        if not spec:
-            return
-        directory = self.resolve(spec)
-        if directory is None:
-            logger.warning("resume_from_checkpoint=%r: no valid checkpoint in %s; starting from scratch.",
-                           spec, self.root)
-            return
-        self.restore(directory, trainer.rack, for_schedule=True)
-
-    def restore_run(self, run) -> None:
-        """End of `enter_stage` (or `train_rack`): puts a mid-stage checkpoint's optimizer, scheduler, RNG and
-        Accelerate step counter into the rebuilt run."""
-        pending = self.pending
-        if pending is None:
-            return
-        self.pending = None
-        trainer, accelerator = self.trainer, self.trainer.accelerator
-        if run.stage.index != pending.stage:
-            logger.warning("%s: saved inside stage %d, but stage %d is starting; its optimizer state is not used.",
-                           pending.directory, pending.stage, run.stage.index)
-            return
-        directory = pending.directory
-        if not os.path.isfile(os.path.join(directory, "optimizer.json")):
-            raise CheckpointError(f"{directory}: a mid-stage checkpoint without optimizer state cannot be resumed.")
-        load_optimizer(run.optimizer, trainer.rack, directory)
-        if pending.run_state.get("has_scheduler") and run.scheduler is not None:
-            run.scheduler.load_state_dict(read_state(directory, "scheduler"))
-        self._restore_rng(directory)
-        accelerator.step = pending.run_state["accelerator_step"]
-        if pending.run_state.get("stage_total_steps") not in (None, run.total_steps):
-            logger.warning("%s: the stage was %d steps long when saved; it is now %d (the LR schedule follows the new "
-                           "length).", directory, pending.run_state["stage_total_steps"], run.total_steps)
-        history = trainer.run_log.history
-        if history and history[-1]["kind"] == "stage_start" and history[-1].get("stage") == run.stage.index:
-            history.pop()  # the stage started before the checkpoint; this is a resume, not a new start
-        history.append({"kind": "resume", "step": trainer.state.global_step, "stage": run.stage.index,
-                        "checkpoint": directory})
-        self._rewrite_log()
 
 
 def _entry(directory: Path, manifest: dict) -> dict:
@@ -576,6 +475,25 @@ def _read_trainer_state(directory: str) -> TrainerState:
         raise CorruptCheckpointError(f"{path}: not a valid trainer state ({err}).") from err
 
 
+def _write_activation_cache(tmp: Path, activation_cache) -> None:
+    if activation_cache is None:
+        return
+    target = tmp / ACTIVATION_CACHE_DIR
+    if isinstance(activation_cache, Mapping):
+        tensors = {str(k): v.detach().to("cpu").contiguous() for k, v in activation_cache.items()}
+        target.mkdir()
+        save_file(tensors, os.fspath(target / "activations.safetensors"), metadata={"format": "pt"})
+        index = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()}
+        (target / "index.json").write_text(json.dumps({"activations": index}, indent=1), encoding="utf-8")
+    elif hasattr(activation_cache, "save"):
+        activation_cache.save(target)
+    else:
+        raise TypeError(
+            f"activation_cache must be a mapping of names to tensors or an object with `save(directory)` "
+            f"(a TrunkCache); got {type(activation_cache).__name__}."
+        )
+
+
 def remove_checkpoint(path: str | os.PathLike) -> None:
     """Deletes a checkpoint: its manifest first (the checkpoint is then retired at once), then the files."""
     directory = checkpoint_directory(path)
@@ -598,6 +516,46 @@ def activation_cache_index(path: str | os.PathLike) -> dict | None:
     return None
 
 
+class ActivationTensors(Mapping):
+    """The activation tensors of a checkpoint by name, each read from disk when first asked for: the
+    tensors saved with `activation_cache={...}`, or the splits ("train", "eval") of a saved trunk cache."""
+
+    def __init__(self, directory: str, map_location: str | torch.device = "cpu"):
+        self.directory, self.map_location = directory, map_location
+        self._loaded: dict[str, torch.Tensor] = {}
+        tensors_file = os.path.join(directory, "activations.safetensors")
+        if os.path.isfile(tensors_file):
+            self._trunk_cache = None
+            self._names = list(_read_json(directory, "index.json")["activations"])
+        else:
+            self._trunk_cache = TrunkCache.load(directory)
+            self._names = self._trunk_cache.splits
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._loaded:
+            if self._trunk_cache is not None:
+                tensor = self._trunk_cache.split_tensor(name).to(self.map_location)
+            else:
+                file = os.path.join(self.directory, "activations.safetensors")
+                tensor = serialization.load_tensors(file, [name], device=self.map_location)[name]
+            self._loaded[name] = tensor
+        return self._loaded[name]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def activation_tensors(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> ActivationTensors | None:
+    """The checkpoint's activation tensors as a lazy mapping, or None when it saved none."""
+    directory = os.path.join(checkpoint_directory(path), ACTIVATION_CACHE_DIR)
+    return ActivationTensors(directory, map_location) if os.path.isdir(directory) else None
+
+
 def load_activation_cache(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The activation tensors saved with `save_progressive_checkpoint(..., activation_cache={...})`,
     loaded onto `map_location`."""
@@ -605,131 +563,3 @@ def load_activation_cache(path: str | os.PathLike, map_location: str | torch.dev
     if not os.path.isfile(file):
         raise CheckpointError(f"{checkpoint_directory(path)}: no activation tensors saved in this checkpoint.")
     return serialization.load_tensors(file, device=map_location)
-
-
-# The trainer's checkpoint API ------------------------------------------------------------------------------
-
-
-class CheckpointingMixin:
-    """Checkpoint methods of `ProgressiveTrainer`, under the original system's names.
-
-    `rack_builder` arguments take the rack (a `StackWiseForCausalLM` or `StackWiseForMaskedLM`), which
-    plays the role of the original `ProgressiveRackBuilder`. Methods that return `success` return True;
-    every failure raises (`CheckpointError` and its subclass `CorruptCheckpointError` for bad checkpoints).
-    In a multi-process run every process must call the saving and restoring methods.
-
-    Example:
-
-    ```python
-    >>> trainer = ProgressiveTrainer(config=StackWiseConfig.from_yaml("config.yaml"))  # doctest: +SKIP
-    >>> path = trainer.save_progressive_checkpoint(stack_idx=0, rack_builder=rack, epoch=1, loss=2.5)  # doctest: +SKIP
-    >>> [c["step"] for c in trainer.list_checkpoints()]  # newest first  # doctest: +SKIP
-    >>> trainer.restore_from_checkpoint(path, rack)  # doctest: +SKIP
-    True
-    ```
-    """
-
-    @property
-    def checkpoints(self) -> CheckpointManager:
-        manager = self.__dict__.get("_checkpoint_manager")
-        if manager is None:
-            manager = self.__dict__["_checkpoint_manager"] = CheckpointManager(self)
-        return manager
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        """Where checkpoints go (`training.checkpoint_dir`; default `<output_dir>/checkpoints`); settable."""
-        return Path(self.args.resolved_checkpoint_dir)
-
-    @checkpoint_dir.setter
-    def checkpoint_dir(self, value: str | os.PathLike) -> None:
-        self.args.checkpoint_dir = os.fspath(value)
-
-    @property
-    def save_interval(self) -> int | None:
-        """Optimizer steps between automatic checkpoints (`training.save_interval`); None: stage ends only."""
-        return self.args.save_interval
-
-    @save_interval.setter
-    def save_interval(self, value: int | None) -> None:
-        from ..config_io import check_positive
-
-        check_positive("save_interval", value, optional=True)
-        self.args.save_interval = value
-
-    def save_progressive_checkpoint(self, stack_idx: int, rack_builder, optimizer=None, epoch=None, loss=None, *,
-                                    activation_cache=None) -> str:
-        """Saves a checkpoint of the training run: the rack with its adapters, the trainer state, RNG states
-        and, when given, `optimizer` (keyed by parameter name).
-
-        Args:
-            stack_idx (`int`): the stack being trained (recorded in the listing).
-            rack_builder: the rack.
-            optimizer (*optional*): an optimizer over the rack's parameters.
-            epoch / loss (*optional*): recorded in the listing; default the trainer's epoch and last loss.
-            activation_cache (*optional*): a mapping of names to tensors, or a `TrunkCache`.
-
-        Returns:
-            The path of the checkpoint's `manifest.json` (what `list_checkpoints` reports as `path`).
-        """
-        n = rack_builder.num_stacks
-        if isinstance(stack_idx, bool) or not isinstance(stack_idx, int) or not 0 <= stack_idx < n:
-            raise IndexError(f"stack_idx {stack_idx!r} is not a stack of this rack (valid: 0..{n - 1}).")
-        return self.checkpoints.save("progressive", rack_builder, optimizer=optimizer, stack_idx=stack_idx,
-                                     epoch=epoch, loss=loss, activation_cache=activation_cache)
-
-    def save_rack_checkpoint(self, rack_builder, optimizer=None) -> str:
-        """Saves a checkpoint of the whole rack (and `optimizer`, when given); returns its manifest path."""
-        return self.checkpoints.save("rack", rack_builder, optimizer=optimizer, stack_idx=rack_builder.num_stacks - 1)
-
-    def load_progressive_checkpoint(self, path: str | os.PathLike, *, verify_hashes: bool | None = None) -> dict:
-        """Verifies a checkpoint and returns its data: `timestamp`, `stack_idx`, `epoch`, `step`, `loss`,
-        `eval_loss`, `stage`, `config` (the rack's), `trainer_state`, `files`, and `activation_cache`
-        (its index) when one was saved. `path` is a directory, its manifest, or "latest"."""
-        return self.checkpoints.read(path, verify_hashes)
-
-    def restore_from_checkpoint(self, checkpoint_path: str | os.PathLike, rack_builder, *, optimizer=None,
-                                map_location: str | torch.device | None = None,
-                                verify_hashes: bool | None = None) -> bool:
-        """Restores a run: the rack in place (stack layout, weights, dtypes, adapters), the trainer state
-        (stage cursor, steps, data position) and RNG states; the optimizer, LR scheduler, scaler and
-        registered objects of a mid-stage checkpoint go into the stage's run when training continues
-        (`train()` or `train_rack`). With `optimizer`, its state is restored at once, matched by name.
-
-        Args:
-            checkpoint_path: a checkpoint directory, its `manifest.json`, or "latest".
-            rack_builder: the rack to restore into (its stack layout may differ; the architecture may not).
-            map_location (*optional*): device to put the restored rack on (default: where it is).
-            verify_hashes (*optional*): check sha256 of every file (default `training.verify_checkpoint_hashes`).
-
-        Returns:
-            True. Failures raise `CheckpointError` naming the checkpoint, file and problem.
-        """
-        self.checkpoints.restore(checkpoint_path, rack_builder, optimizer=optimizer, map_location=map_location,
-                                 verify_hashes=verify_hashes, for_schedule=bool(self.schedule))
-        return True
-
-    def list_checkpoints(self, *, include_invalid: bool = False, verify_hashes: bool = False) -> list[dict]:
-        """Checkpoints in `checkpoint_dir`, newest first: `path` (the manifest), `directory`, `stack_idx`,
-        `epoch`, `step`, `loss`, `eval_loss`, `timestamp`, `stage`, `kind`. Incomplete or damaged ones are
-        skipped with a warning that says why (or listed with `valid: False` and `error`)."""
-        return self.checkpoints.list(include_invalid=include_invalid, verify_hashes=verify_hashes)
-
-    def get_training_info(self) -> dict:
-        """Where the run stands, its checkpointing settings, and its checkpoints."""
-        state, manager = self.state, self.checkpoints
-        entries = manager.list()
-        rack = self.rack
-        return {
-            "global_step": state.global_step, "stage": state.stage, "stage_entered": state.stage_entered,
-            "stage_step": state.stage_step, "epoch": state.epoch, "epoch_batches": state.epoch_batches,
-            "tokens_seen": state.tokens_seen, "best_eval_loss": state.best_eval_loss,
-            "num_stages": len(self.schedule), "stage_results": list(state.stage_results),
-            "current_stacks": rack.num_stacks if rack is not None else None,
-            "stack_sizes": list(rack.config.stack_sizes) if rack is not None else None,
-            "checkpoint_dir": os.fspath(self.checkpoint_dir), "save_interval": self.save_interval,
-            "save_total_limit": self.args.save_total_limit, "num_checkpoints": len(entries),
-            "latest_checkpoint": entries[0]["path"] if entries else None, "resumed_from": manager.resumed_from,
-            "checkpoints_saved": manager.saves, "checkpoint_seconds": manager.save_seconds,
-            "num_processes": self.accelerator.num_processes,
-        }

@@ -15,14 +15,13 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, field
-from typing import Any
-
 import yaml
 
 from ..config_io import dataclass_from_dict
 from ..configuration_stackwise import StackWiseConfig
 from ..data import DataArguments
 from .arguments import TrainingArguments
+from .masking import ObjectiveConfig
 from .schedule import StageConfig
 
 SECTIONS = ("model", "data", "training", "objective", "stages")
@@ -30,11 +29,14 @@ SECTIONS = ("model", "data", "training", "objective", "stages")
 
 @dataclass
 class ExperimentConfig:
+    """A whole experiment, every section typed and validated when it is read (unknown keys are refused
+    naming the section, the key and the allowed keys). The trainer works on a copy, never on this."""
+
     model: StackWiseConfig
     data: DataArguments = field(default_factory=DataArguments)
     training: TrainingArguments = field(default_factory=TrainingArguments)
     stages: list[StageConfig] = field(default_factory=list)
-    objective: dict[str, Any] = field(default_factory=dict)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     source: str | None = None
 
     @classmethod
@@ -64,7 +66,7 @@ class ExperimentConfig:
             data=dataclass_from_dict(DataArguments, document.get("data"), f"{where}: data"),
             training=dataclass_from_dict(TrainingArguments, document.get("training"), f"{where}: training"),
             stages=[dataclass_from_dict(StageConfig, s, f"{where}: stages[{k}]") for k, s in enumerate(stages)],
-            objective=dict(document.get("objective") or {}),
+            objective=dataclass_from_dict(ObjectiveConfig, document.get("objective"), f"{where}: objective"),
             source=source,
         )
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..config_io import check_choice, dataclass_from_dict
-from .objectives import OBJECTIVES, ObjectiveBatch, token_cross_entropy
+from .clm import ObjectiveBatch, token_cross_entropy
 
 LOSS_WEIGHTINGS = ("none", "inverse_ratio")
 DEPTH_SCHEDULES = ("linear", "cosine", "list")
@@ -357,6 +357,3 @@ def stage_mask_ratios(schedule, config=None) -> list[float | None]:
             ratios.append(objective_config.depth_ratios_for(n)[position])
     return ratios
 
-
-OBJECTIVES.update({"mlm": MaskedLMObjective, "masked_diffusion": MaskedDiffusionObjective,
-                   "depth_as_time": DepthAsTimeObjective})

@@ -1,75 +1,38 @@
-"""Training objectives: how a batch of token blocks becomes model inputs, labels and a loss.
+"""The objective registry: every training objective by the name a stage gives it (`StageConfig.objective`).
 
-An objective has two jobs: `prepare(input_ids, stage_index, sample_ids, evaluation)` returns the model inputs and labels
-for one batch (masking, for the masked objectives, is deterministic per sample and stage so a cached
-trunk stays valid), and `loss(hidden, head, labels)` turns the final hidden states into a mean loss
-and the number of positions it was taken over.
+An objective has two jobs: `prepare(input_ids, stage_index, sample_ids, evaluation)` returns the model
+inputs and labels for one batch (`clm.ObjectiveBatch`), and `loss(hidden, head, labels, weights)` turns
+the final hidden states into a mean loss and the number of positions it was taken over. Its class
+attribute `attention_mode` says which racks it trains ("causal" or "bidirectional").
+
+A new objective: write the class (beside `clm.py` / `masking.py`), add it to `OBJECTIVES` below, and
+give it the constructor keywords `ProgressiveTrainer` passes (`config`, `stage`, `num_stages`,
+`schedule`, `mask_token_id`, `vocab_size`) if it is not causal. `StageConfig` accepts every name here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from .clm import CausalLMObjective, ObjectiveBatch, token_cross_entropy
+from .masking import DepthAsTimeObjective, MaskedDiffusionObjective, MaskedLMObjective, ObjectiveConfig
 
-import torch
-import torch.nn.functional as F
+OBJECTIVES = {
+    "clm": CausalLMObjective,
+    "mlm": MaskedLMObjective,
+    "masked_diffusion": MaskedDiffusionObjective,
+    "depth_as_time": DepthAsTimeObjective,
+}
 
-from .fused_loss import chunked_linear_cross_entropy
-
-
-@dataclass
-class ObjectiveBatch:
-    """What the stage module consumes: model inputs, labels (-100 = no loss), optional per-position weights."""
-
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    weights: torch.Tensor | None = None
+__all__ = ["OBJECTIVES", "CausalLMObjective", "ObjectiveBatch", "ObjectiveConfig", "build_objective",
+           "token_cross_entropy", "attention_mode_of"]
 
 
-class CausalLMObjective:
-    """Next-token prediction over packed blocks; labels are the inputs, shifted inside `loss`."""
-
-    name = "clm"
-    attention_mode = "causal"
-    loss_chunk_size: int | None = None  # set by the trainer from TrainingArguments.loss_chunk_size
-
-    def prepare(self, input_ids: torch.Tensor, stage_index: int, sample_ids: torch.Tensor | None = None,
-                evaluation: bool = False) -> ObjectiveBatch:
-        return ObjectiveBatch(input_ids=input_ids, labels=input_ids)
-
-    def trunk_input_key(self, stage_index: int) -> str:
-        """What the trunk's input depends on besides the data (the trunk cache's fingerprint): nothing."""
-        return self.name
-
-    def loss(self, hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, weights=None):
-        # hidden: (B, T, H) -> predict token t+1 from position t.
-        return token_cross_entropy(hidden[:, :-1], head, labels[:, 1:], weights, self.loss_chunk_size)
-
-
-def token_cross_entropy(hidden, head, labels, weights=None, chunk_size: int | None = None):
-    """Mean cross-entropy over positions whose label is not -100, computed in float32.
-
-    Returns `(loss, n_positions)`; with `weights` (same shape as labels) the mean is weighted. With
-    `chunk_size`, the head and the loss run chunk by chunk (`fused_loss.py`) so the full logits never
-    exist at once.
-    """
-    if chunk_size:
-        return chunked_linear_cross_entropy(hidden, head.weight, labels, weights, chunk_size)
-    logits = head(hidden.to(head.weight.dtype)).float()  # (B, T, V)
-    losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
-    mask = labels.flatten() != -100
-    count = mask.sum()
-    if weights is not None:
-        losses = losses * weights.flatten().to(losses.dtype)
-    return losses.sum() / count.clamp(min=1), count
-
-
-OBJECTIVES = {"clm": CausalLMObjective}
+def attention_mode_of(name: str) -> str:
+    """"causal" or "bidirectional": the rack an objective trains."""
+    return OBJECTIVES[name].attention_mode
 
 
 def build_objective(name: str, **kwargs):
-    """The objective called `name` ("clm"; the masked objectives are added by `masking.py`)."""
-    if name not in OBJECTIVES:
-        from . import masking  # noqa: F401  (registers "mlm", "masked_diffusion", "depth_as_time")
+    """The objective called `name`, built with `kwargs` (none for "clm")."""
     if name not in OBJECTIVES:
         raise ValueError(f"objective {name!r} is not available; known objectives are {sorted(OBJECTIVES)}.")
     return OBJECTIVES[name](**kwargs)

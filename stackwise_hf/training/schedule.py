@@ -12,11 +12,11 @@ from typing import Any
 
 from ..config_io import check_choice, check_positive
 from ..configuration_stackwise import canonical_dtype
+from .objectives import OBJECTIVES
 
 GROW = (None, "append", "prepend")
 INITS = ("random", "copy", "identity")
 TRAIN_PARTS = ("stack", "head", "embeddings", "stack_adapter", "trunk_adapter", "all")
-OBJECTIVES = ("clm", "mlm", "masked_diffusion", "depth_as_time")
 TRUNK_MODES = ("recompute", "cache")
 TRUNK_QUANTIZATIONS = ("int8", "nf4")
 

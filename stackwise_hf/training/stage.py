@@ -8,16 +8,85 @@ rack's parts through one module keeps DDP's gradient hooks and FSDP's wrap units
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .. import adapters
+from ..quantization import SCHEMES, quantize_stacks, quantized_stacks
 from ..serialization import is_adapter_key
 from .schedule import ResolvedStage
 
 logger = logging.getLogger(__name__)
 
 TRUNK_ADAPTER = "trunk"
+
+
+@dataclass
+class StageRun:
+    """The objects of the stage being trained; dropped as a whole when the stage ends.
+
+    `train_data` is the dataset behind `train_loader` (what the trunk cache covers); `sampler` is the
+    trainer's `EpochSampler`, None for a caller's DataLoader. `step_losses` holds one loss per optimizer
+    step of this run (device tensors, reduced across processes only when read).
+    """
+
+    stage: ResolvedStage
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_loader: object
+    train_data: object
+    sampler: object
+    objective: object
+    total_steps: int
+    trainable: list[str]
+    started: float = field(default_factory=time.perf_counter)
+    step_losses: list[torch.Tensor] = field(default_factory=list)
+
+
+def trunk_stacks(stage: ResolvedStage) -> list[int]:
+    """The stacks a stage does not train: every stack but the stage's own (its frozen trunk, and for a
+    prepend stage the frozen suffix)."""
+    return [i for i in range(len(stage.stack_sizes)) if i != stage.stack]
+
+
+def stack_roles(stage: ResolvedStage) -> list[str]:
+    """What each stack of the stage's rack does: "trained" (its base weights train), "adapter" (frozen
+    base weights under an adapter that trains) or "frozen". The same rules as `set_trainable`."""
+    config = stage.config
+    n = len(stage.stack_sizes)
+    if "all" in config.train:
+        return ["trained"] * n
+    trunk_adapter = "trunk_adapter" in config.train and config.trunk_adapter is not None
+    roles = []
+    for i in range(n):
+        if i == stage.stack:
+            roles.append("trained" if config.trains("stack") else
+                         "adapter" if "stack_adapter" in config.train else "frozen")
+        else:
+            roles.append("adapter" if trunk_adapter else "frozen")
+    return roles
+
+
+def first_trained_index(stage: ResolvedStage) -> int:
+    """The first stack the stage runs with gradients (what `first_trained_stack` finds on the live rack):
+    0 when the embeddings train, else the first stack that is not frozen (the rack's length when none is).
+    Stacks before it are the frozen trunk: under no_grad, cacheable, and the part that may live on the host."""
+    if stage.config.trains("embeddings"):
+        return 0
+    roles = stack_roles(stage)
+    return next((i for i, role in enumerate(roles) if role != "frozen"), len(roles))
+
+
+def trunk_on_host(stage: ResolvedStage, device_type: str, num_processes: int) -> bool:
+    """Whether the frozen trunk is kept on the host during the stage: in cache mode, with a trunk to cache,
+    on one process with an accelerator. Several processes keep it on the device (DDP and FSDP expect
+    every parameter of the wrapped module there)."""
+    return (stage.config.trunk_mode == "cache" and first_trained_index(stage) > 0 and device_type != "cpu"
+            and num_processes == 1)
 
 
 def grow_for_stage(rack, stage: ResolvedStage) -> None:
@@ -32,10 +101,8 @@ def grow_for_stage(rack, stage: ResolvedStage) -> None:
             f"stage {stage.name}: the rack has stacks {rack.config.stack_sizes}, the schedule expected "
             f"{list(stage.stack_sizes)}; was the rack changed outside the trainer?"
         )
-    trunk = [i for i in range(rack.num_stacks) if i != stage.stack]
+    trunk = trunk_stacks(stage)
     if config.trunk_dtype is not None or config.trunk_quantization is not None:
-        from ..quantization import SCHEMES, quantize_stacks, quantized_stacks
-
         quantized = quantized_stacks(rack)
         if config.trunk_dtype is not None:
             for i in trunk:
@@ -48,8 +115,6 @@ def grow_for_stage(rack, stage: ResolvedStage) -> None:
 
 
 def _attach_adapters(rack, stage: ResolvedStage, trunk: list[int]) -> None:
-    from .. import adapters
-
     config = stage.config
     existing = adapters.adapter_names(rack)
     if config.trunk_adapter is not None and trunk:
@@ -81,8 +146,6 @@ def set_trainable(rack, stage: ResolvedStage) -> list[str]:
     if config.trains("trunk_adapter") and config.trunk_adapter is not None:
         active.append(TRUNK_ADAPTER)
     if active or getattr(rack, "peft_config", None):
-        from .. import adapters
-
         present = adapters.adapter_names(rack)
         # Adapters of earlier stages stay in the forward pass (frozen); this stage's ones train.
         adapters.activate_adapters(rack, present, trainable=[a for a in active if a in present])
@@ -129,16 +192,19 @@ class StageModule(nn.Module):
         objective: an objective from `objectives.py` (provides `loss`).
         first_trained (`int`): stacks `[0, first_trained)` are the frozen trunk.
         train_embeddings (`bool`): the input embedding trains, so the whole rack runs with grad.
+        stop (`int`, *optional*): run stacks `[0, stop)` only, the head on top of stack `stop - 1`
+            (`train_rack(..., target_stacks=stop)`); default every stack.
 
     `forward` returns `(mean loss, number of positions)`.
     """
 
-    def __init__(self, rack, objective, first_trained: int, train_embeddings: bool = False):
+    def __init__(self, rack, objective, first_trained: int, train_embeddings: bool = False, stop: int | None = None):
         super().__init__()
         self.rack = rack
         self.objective = objective
         self.first_trained = first_trained
         self.train_embeddings = train_embeddings
+        self.stop = stop
 
     def trunk_forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The frozen trunk's output (hidden states entering `first_trained`), without grad."""
@@ -157,7 +223,7 @@ class StageModule(nn.Module):
         else:
             hidden = self.trunk_forward(input_ids)
         attention = body.attention_inputs(hidden)
-        hidden = body.forward_stacks(hidden, self.first_trained, **attention)
+        hidden = body.forward_stacks(hidden, self.first_trained, self.stop, **attention)  # (B, T, H)
         hidden = body.norm(hidden.to(body.norm.weight.dtype))
         return self.objective.loss(hidden, self.rack.get_output_embeddings(), labels, weights)
 

@@ -46,6 +46,16 @@ class RunLog:
         if scalars:
             self.accelerator.log(scalars, step=step)
 
+    def replace_history(self, history: list[dict]) -> None:
+        """Makes `history` the log (after a restore): the file is rewritten to hold exactly it."""
+        self.history = list(history)
+        if self.accelerator.is_main_process:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            tmp = f"{self.path}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.history)
+            os.replace(tmp, self.path)
+
     def plot(self, path: str) -> str | None:
         """Draws train and eval loss over global steps with stage boundaries marked; returns the path."""
         if not self.accelerator.is_main_process:

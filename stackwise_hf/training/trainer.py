@@ -3,66 +3,70 @@
 The algorithm, in `train()`: for each stage of the schedule, enter it (grow the rack, attach adapters,
 freeze everything but what the stage trains, build the optimizer and LR schedule over exactly the
 trainable parameters, `accelerator.prepare`), run it (a plain PyTorch loop with `accumulate` /
-`backward` / clipping), and leave it (evaluate, save, free the stage's objects). Accelerate is
-imported only by the `training` package.
+`backward` / clipping), and leave it (evaluate, save, free the stage's objects). `train_rack`
+(`compat.py`, the original system's call) runs the same three steps on one stage with the caller's
+DataLoader. Accelerate is imported only by the `training` package.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import logging
 import math
 import os
+import resource
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from .. import adapters
 from ..configuration_stackwise import StackWiseConfig
+from ..data import build_datasets, check_tokenizer_fits, load_or_train_tokenizer
+from ..errors import CheckpointError
 from ..modeling_stackwise import StackWiseForCausalLM, StackWiseForMaskedLM
 from .arguments import TrainingArguments
-from .checkpointing import CheckpointingMixin
-from .direct import DirectTrainingMixin
+from .batches import EpochSampler, IndexedBlocks, batch_input_ids, indexed_loader
+from .checkpointing import CheckpointContents, CheckpointManager, Restored
+from .compat import GuideTrainerMixin
 from .experiment import ExperimentConfig
-from .fsdp import check_fsdp_support, keep_loss_in_float32, unshard_rack, uses_fsdp
-from .objectives import build_objective
+from .fsdp import check_fsdp_support, gathered_optimizer_state, keep_loss_in_float32, plain_copy, unshard_rack, uses_fsdp
+from .masking import stage_mask_ratios
+from .objectives import attention_mode_of, build_objective
+from .results import StageSummary, TrainResult
 from .schedule import ResolvedStage, StageConfig, resolve_schedule
-from .stage import StageModule, count_parameters, first_trained_stack, grow_for_stage, optimizer_groups, set_trainable
+from .stage import (
+    StageModule,
+    StageRun,
+    count_parameters,
+    first_trained_stack,
+    grow_for_stage,
+    optimizer_groups,
+    set_trainable,
+    trunk_on_host,
+)
 from .state import TrainerState
 from .tracking import PLOT_NAME, RunLog, resolve_trackers
+from .trunk_cache import TrunkCache
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class StageRun:
-    """The objects of the stage being trained; dropped as a whole when the stage ends."""
-
-    stage: ResolvedStage
-    module: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    train_loader: DataLoader
-    sampler: "EpochSampler"
-    objective: object
-    total_steps: int
-    trainable: list[str]
-    started: float
-
-
-class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
+class ProgressiveTrainer(GuideTrainerMixin):
     """Trains a rack progressively, stage by stage, with Accelerate.
 
     Args:
         config: an `ExperimentConfig`, a path to an experiment YAML, or a `StackWiseConfig` loaded with
-            `StackWiseConfig.from_yaml` from a file with `training:`/`stages:` sections.
+            `StackWiseConfig.from_yaml` from a file with `training:`/`stages:` sections. The trainer
+            works on its own copy: the caller's config is never changed.
         rack (*optional*): the rack to train; built from the model config when omitted.
         train_dataset / eval_dataset (*optional*): datasets of token blocks (rows with `input_ids`);
             built from the `data:` section (bundled Shakespeare by default) when omitted.
@@ -75,14 +79,14 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
     >>> from stackwise_hf.training import ExperimentConfig, ProgressiveTrainer
     >>> experiment = ExperimentConfig.from_yaml("configs/default.yaml", overrides=["stages.*.max_steps=2"])
     >>> result = ProgressiveTrainer(experiment).train()  # doctest: +SKIP
-    >>> result["final_loss"] < result["stages"][0]["first_loss"]  # doctest: +SKIP
+    >>> result.final_loss < result.stages[0].first_loss  # doctest: +SKIP
     True
     ```
     """
 
     def __init__(self, config=None, *, rack=None, train_dataset=None, eval_dataset=None, tokenizer=None,
                  accelerator: Accelerator | None = None):
-        self.experiment = _as_experiment(config)
+        self.experiment = copy.deepcopy(_as_experiment(config))
         self.args: TrainingArguments = self.experiment.training
         self.rack = rack
         self.train_dataset, self.eval_dataset, self.tokenizer = train_dataset, eval_dataset, tokenizer
@@ -92,13 +96,18 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
         self.state = TrainerState()
         self.run_log = RunLog(self.accelerator, self.args.output_dir)
         self.schedule: list[ResolvedStage] = []
-        self.trunk_cache = None  # a `TrunkCache`, from the first stage with `trunk_mode: cache` on
+        self.trunk_cache: TrunkCache | None = None  # from the first stage with `trunk_mode: cache` on
+        self.checkpoints = CheckpointManager(self.args, self.accelerator)
+        self.checkpoint_objects: list = []  # `register_for_checkpointing`
+        self.schedule_origin: list[int] | None = None  # the stack layout the schedule starts from
+        self.resumed_from: str | None = None
+        self._restored: Restored | None = None  # the checkpoint this run continues
+        self._pending: Restored | None = None  # a mid-stage checkpoint waiting for its stage to be rebuilt
 
     # The algorithm ----------------------------------------------------------------------------------
 
-    def train(self) -> dict:
-        """Runs every remaining stage of the schedule; returns the run's summary (`final_loss`,
-        `eval_loss`, `perplexity`, per-stage `stages`, `output_dir`)."""
+    def train(self) -> TrainResult:
+        """Runs every remaining stage of the schedule; returns the run's `TrainResult`."""
         self.setup()
         for stage in self.schedule[self.state.stage:]:
             run = self.enter_stage(stage)
@@ -118,9 +127,12 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
         if self.accelerator.trackers == [] and resolve_trackers(self.args.report_to):
             self.accelerator.init_trackers(self.args.project_name, config=_flat_config(self.experiment))
         logger.info("Schedule: %s", [(s.name, s.config.grow, s.stack, s.config.train) for s in self.schedule])
-        self.checkpoints.after_setup()  # resumes when `resume_from_checkpoint` is set
+        self._resume()
 
-    def enter_stage(self, stage: ResolvedStage) -> StageRun:
+    def enter_stage(self, stage: ResolvedStage, *, dataloader=None, optimizer=None, stop: int | None = None) -> StageRun:
+        """Grows and freezes the rack for `stage` and builds its run: objective, stage module, optimizer,
+        LR schedule, data, all prepared by Accelerate. `dataloader` / `optimizer`: the caller's instead of
+        the trainer's own (`train_rack`); `stop`: use only the rack's first `stop` stacks."""
         set_seed(self.args.seed + stage.index)
         if not self.state.stage_entered:
             grow_for_stage(self.rack, stage)
@@ -134,84 +146,90 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
         if self.args.compile_blocks:
             for block in self.rack.base_model.stacks[stage.stack].blocks:
                 block.compile()  # in place: the block stays compiled when later stages freeze it
-        module = StageModule(self.rack, objective, first_trained_stack(self.rack, config.trains("embeddings")),
-                             train_embeddings=config.trains("embeddings"))
+        stop = self.rack.num_stacks if stop is None else stop
+        first = min(first_trained_stack(self.rack, config.trains("embeddings")), stop)
+        module = StageModule(self.rack, objective, first, train_embeddings=config.trains("embeddings"), stop=stop)
+        loader, train_data, sampler = self._train_loader(stage, dataloader)
         if config.trunk_mode == "cache":
-            self._sync_trunk_cache(stage, module, objective)
+            self._sync_trunk_cache(stage, module, objective, train_data)
         host_trunk = self._place_trunk(stage)
-        optimizer = torch.optim.AdamW(optimizer_groups(self.rack, config.weight_decay), lr=config.learning_rate,
-                                      **_fused_if_cuda(self.accelerator.device))
-        sampler = EpochSampler(len(self.train_dataset), seed=self.args.seed * 1000 + stage.index)
-        loader = DataLoader(
-            IndexedBlocks(self.train_dataset), batch_size=self.args.per_device_train_batch_size, sampler=sampler,
-            drop_last=True, num_workers=self.args.dataloader_num_workers,
-        )
+        if optimizer is None:
+            optimizer = torch.optim.AdamW(optimizer_groups(self.rack, config.weight_decay), lr=config.learning_rate,
+                                          **_fused_if_cuda(self.accelerator.device))
         # With the trunk on the host, `prepare` must not move the module (and the trunk) to the device.
         module, optimizer, loader = self.accelerator.prepare(
             module, optimizer, loader, device_placement=[not host_trunk, True, True]
         )
-        total_steps = self._total_steps(config, len(loader))
+        total_steps = self._total_steps(config, _length(loader))
         # Not prepared: Accelerate's scheduler wrapper steps once per process; ours counts optimizer steps.
         scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
                                   num_training_steps=total_steps)
-        run = StageRun(stage, module, optimizer, scheduler, loader, sampler, objective, total_steps, trainable,
-                       time.perf_counter())
+        run = StageRun(stage, module, optimizer, scheduler, loader, train_data, sampler, objective, total_steps,
+                       trainable)
         self.run_log.record("stage_start", self.state.global_step, stage=stage.index, stage_name=stage.name,
                             stack=stage.stack, stack_sizes=list(self.rack.config.stack_sizes),
                             **count_parameters(self.rack))
         logger.info("Entering %s: stack %d of %s trains %s for %d steps (%d trainable parameters).", stage.name,
                     stage.stack, list(self.rack.config.stack_sizes), config.train, total_steps, sum(
                         p.numel() for p in self.rack.parameters() if p.requires_grad))
-        self.checkpoints.restore_run(run)  # a mid-stage checkpoint's optimizer, scheduler, RNG
+        self._continue_from_checkpoint(run)
         return run
 
     def run_stage(self, run: StageRun) -> None:
         bar = tqdm(total=run.total_steps, initial=self.state.stage_step, desc=run.stage.name,
                    disable=not self.accelerator.is_local_main_process, dynamic_ncols=True)
-        window: list[torch.Tensor] = []
+        window: list[torch.Tensor] = []  # micro-batch losses of the current logging window
+        step: list[torch.Tensor] = []  # micro-batch losses of the current optimizer step
         while self.state.stage_step < run.total_steps:
             for batch in self._epoch_batches(run):
-                window.append(self._train_micro_batch(run, batch))
+                loss = self._train_micro_batch(run, batch)
+                window.append(loss)
+                step.append(loss)
                 self.state.epoch_batches += 1
                 if not self.accelerator.sync_gradients:
                     continue
+                run.step_losses.append(torch.stack(step).mean())
+                step.clear()
                 self.state.stage_step += 1
                 self.state.global_step += 1
                 bar.update(1)
                 self._after_optimizer_step(run, window)
                 if self.state.stage_step >= run.total_steps:
                     break
-            if self.state.epoch_batches >= len(run.train_loader):  # the epoch was consumed whole
+            if self.state.epoch_batches >= _length(run.train_loader):  # the epoch was consumed whole
                 self.state.epoch += 1
                 self.state.epoch_batches = 0
         bar.close()
 
-    def exit_stage(self, run: StageRun) -> None:
+    def exit_stage(self, run: StageRun) -> StageSummary:
+        """Evaluates (when there is held-out data), merges the stage's adapters when asked, records the
+        stage's summary, saves the stage-end checkpoint and frees the stage's objects."""
         metrics = self.evaluate(run)
         if uses_fsdp(self.accelerator):  # plain weights again before merging, saving or growing
             unshard_rack(self.rack, run.module, self.accelerator.device)
         if run.stage.config.merge_adapters:
             self._merge_stage_adapters(run.stage)
-        summary = {
-            "stage": run.stage.index, "name": run.stage.name, "stack": run.stage.stack,
-            "stack_sizes": list(self.rack.config.stack_sizes), "steps": run.total_steps,
-            "first_loss": _first_train_loss(self.run_log.history, run.stage.index),
-            "final_loss": _last_train_loss(self.run_log.history),
-            "eval_loss": metrics["loss"], "perplexity": metrics["perplexity"],
-            "seconds": time.perf_counter() - run.started, **_peak_memory(self.accelerator.device),
-        }
-        self.state.stage_results.append(summary)
-        self.run_log.record("stage_end", self.state.global_step, **summary)
+        summary = StageSummary(
+            stage=run.stage.index, name=run.stage.name, stack=run.stage.stack,
+            stack_sizes=list(self.rack.config.stack_sizes), steps=run.total_steps,
+            first_loss=_first_train_loss(self.run_log.history, run.stage.index),
+            final_loss=_last_train_loss(self.run_log.history),
+            eval_loss=metrics["loss"] if metrics else None, perplexity=metrics["perplexity"] if metrics else None,
+            seconds=time.perf_counter() - run.started, **_peak_memory(self.accelerator.device),
+        )
+        self.state.stage_results.append(summary.as_dict())
+        self.run_log.record("stage_end", self.state.global_step, **summary.as_dict())
         self.state.stage += 1
         self.state.stage_entered = False
-        self.checkpoints.stage_end(run)
+        self.save_checkpoint("stage_end", self.rack, stack_idx=run.stage.stack)
         self.accelerator.free_memory()
         del run
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        return summary
 
-    def finish(self) -> dict:
+    def finish(self) -> TrainResult:
         """Saves the final rack (with adapters) and tokenizer, draws the plot, closes the trackers."""
         final_dir = os.path.join(self.args.output_dir, "final")
         if self.trunk_cache is not None and self.trunk_cache.offloaded:
@@ -228,22 +246,24 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
                 self.run_log.plot(os.path.join(self.args.output_dir, PLOT_NAME))
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
-        last = self.state.stage_results[-1] if self.state.stage_results else {}
-        return {
-            "final_loss": last.get("final_loss"), "eval_loss": last.get("eval_loss"),
-            "perplexity": last.get("perplexity"), "global_step": self.state.global_step,
-            "num_processes": self.accelerator.num_processes, "stages": list(self.state.stage_results),
-            "output_dir": final_dir,
-        }
+        stages = [StageSummary.from_dict(s) for s in self.state.stage_results]
+        last = stages[-1] if stages else None
+        return TrainResult(
+            final_loss=last and last.final_loss, eval_loss=last and last.eval_loss,
+            perplexity=last and last.perplexity, global_step=self.state.global_step,
+            num_processes=self.accelerator.num_processes, output_dir=final_dir, stages=stages,
+        )
 
     # One step --------------------------------------------------------------------------------------
 
-    def _train_micro_batch(self, run: StageRun, batch: dict) -> torch.Tensor:
-        prepared = run.objective.prepare(batch["input_ids"], run.stage.index, batch["sample_id"])
+    def _train_micro_batch(self, run: StageRun, batch) -> torch.Tensor:
+        input_ids = batch_input_ids(batch)
+        sample_ids = batch.get("sample_id") if isinstance(batch, Mapping) else None
+        prepared = run.objective.prepare(input_ids, run.stage.index, sample_ids)
         with self.accelerator.accumulate(run.module):
             with self.accelerator.autocast():
                 loss, _ = run.module(prepared.input_ids, prepared.labels, prepared.weights,
-                                     trunk_hidden=self._trunk_hidden(run, "train", batch["sample_id"]))
+                                     trunk_hidden=self._trunk_hidden(run, "train", sample_ids))
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients and self.args.max_grad_norm:
                 self.accelerator.clip_grad_norm_(
@@ -251,7 +271,7 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
                 )
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
-        self.state.tokens_seen += batch["input_ids"].numel() * self.accelerator.num_processes
+        self.state.tokens_seen += input_ids.numel() * self.accelerator.num_processes
         return loss.detach()
 
     def _after_optimizer_step(self, run: StageRun, window: list[torch.Tensor]) -> None:
@@ -265,7 +285,9 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
             window.clear()
         if self.args.eval_steps and step % self.args.eval_steps == 0 and step != run.total_steps:
             self.evaluate(run)
-        self.checkpoints.step_end(run)
+        interval = self.args.save_interval
+        if interval and self.state.global_step % interval == 0 and step < run.total_steps:
+            self.save_checkpoint("interval", self.rack, run=run, stack_idx=run.stage.stack)
 
     def _epoch_batches(self, run: StageRun):
         loader = run.train_loader
@@ -273,15 +295,33 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
             loader = self.accelerator.skip_first_batches(loader, self.state.epoch_batches)
         # Accelerate's loader sets the sampler's epoch from its own pass counter when iterated; a loader
         # rebuilt on resume (or the one skipping a resumed epoch's first batches) must count from our epoch.
-        loader.set_epoch(self.state.epoch)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(self.state.epoch)
         return loader
+
+    def _train_loader(self, stage: ResolvedStage, dataloader) -> tuple[DataLoader, object, EpochSampler | None]:
+        """(loader, the dataset behind it, the trainer's sampler): the trainer's own shuffled loader over
+        `train_dataset`, or the caller's DataLoader with sample indices attached where it allows."""
+        if dataloader is not None:
+            loader = indexed_loader(dataloader)
+            return loader, loader.dataset.blocks if isinstance(loader.dataset, IndexedBlocks) else None, None
+        if self.train_dataset is None:
+            raise ValueError("no training data: pass `train_dataset`, or call `train()` so the `data:` section builds it.")
+        sampler = EpochSampler(len(self.train_dataset), seed=self.args.seed * 1000 + stage.index)
+        loader = DataLoader(
+            IndexedBlocks(self.train_dataset), batch_size=self.args.per_device_train_batch_size, sampler=sampler,
+            drop_last=True, num_workers=self.args.dataloader_num_workers,
+        )
+        return loader, self.train_dataset, sampler
 
     # Evaluation ------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, run: StageRun) -> dict:
+    def evaluate(self, run: StageRun) -> dict | None:
         """Loss and perplexity on the held-out split, exact across processes (each process takes every
-        `num_processes`-th batch; sums are reduced)."""
+        `num_processes`-th batch; sums are reduced). None when there is no held-out split."""
+        if self.eval_dataset is None:
+            return None
         module = run.module
         module.eval()
         device = self.accelerator.device
@@ -325,23 +365,28 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
 
     # Trunk cache (`trunk_mode: cache`) -------------------------------------------------------------
 
-    def _sync_trunk_cache(self, stage: ResolvedStage, module: StageModule, objective) -> None:
+    def _sync_trunk_cache(self, stage: ResolvedStage, module: StageModule, objective, train_data) -> None:
         """Builds, extends or reuses the frozen trunk's output over the train and eval blocks."""
-        from .trunk_cache import TrunkCache
-
+        if train_data is None:
+            raise ValueError(
+                f"stage {stage.name}: `trunk_mode: cache` looks blocks up by index, so it needs a DataLoader over a "
+                "map-style dataset with the default collation (or the trainer's own `train_dataset`)."
+            )
         if self.trunk_cache is None:
             self.trunk_cache = TrunkCache(self.args.trunk_cache_budget, self.args.trunk_cache_dir,
                                           batch_size=self.args.per_device_eval_batch_size)
-        eval_rows = len(self.eval_dataset)
-        if self.args.max_eval_batches:
-            eval_rows = min(eval_rows, self.args.max_eval_batches * self.args.per_device_eval_batch_size)
+        datasets, rows = {"train": train_data}, {}
+        if self.eval_dataset is not None:
+            datasets["eval"] = self.eval_dataset
+            rows["eval"] = len(self.eval_dataset)
+            if self.args.max_eval_batches:
+                rows["eval"] = min(rows["eval"], self.args.max_eval_batches * self.args.per_device_eval_batch_size)
         # On disk the main process builds; the others then find the finished cache by its fingerprint.
         first = self.accelerator.main_process_first() if self.args.trunk_cache_dir else contextlib.nullcontext()
         with first:
             report = self.trunk_cache.sync(
-                module, objective, stage.index, {"train": self.train_dataset, "eval": self.eval_dataset},
-                rows={"eval": eval_rows}, tokenizer=self.tokenizer, device=self.accelerator.device,
-                autocast=self.accelerator.autocast, precision=self.args.mixed_precision,
+                module, objective, stage.index, datasets, rows=rows, tokenizer=self.tokenizer,
+                device=self.accelerator.device, autocast=self.accelerator.autocast, precision=self.args.mixed_precision,
             )
         self.run_log.record("trunk_cache", self.state.global_step, stage=stage.index, **report.as_dict())
 
@@ -351,22 +396,134 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
         return self.trunk_cache.hidden(split, sample_ids, self.accelerator.device)
 
     def _place_trunk(self, stage: ResolvedStage) -> bool:
-        """Puts the frozen trunk where the stage needs it; True when it stays on the host.
-
-        In cache mode the trunk does not run during the stage, so on one process with an accelerator it
-        lives on the host and the device holds only the trained stacks, the head and the batch (the
-        cache itself streams one stack at a time to the device to extend). Several processes keep it on
-        the device: DDP and FSDP expect every parameter of the wrapped module there. A recompute stage
-        brings an offloaded trunk back.
-        """
+        """Puts the frozen trunk where the stage needs it (`stage.trunk_on_host`); True when it stays on
+        the host. In cache mode the trunk does not run during the stage, so the device holds only the
+        trained stacks, the head and the batch (the cache streams one stack at a time to the device to
+        extend). A recompute stage brings an offloaded trunk back."""
         cache = self.trunk_cache
-        host = (stage.config.trunk_mode == "cache" and cache is not None and cache.active
-                and torch.device(self.accelerator.device).type != "cpu" and self.accelerator.num_processes == 1)
+        host = cache is not None and trunk_on_host(stage, torch.device(self.accelerator.device).type,
+                                                   self.accelerator.num_processes)
         if host:
             cache.offload_trunk(self.rack, cache.depth, "cpu")
         elif cache is not None and cache.offloaded:
             cache.restore_trunk(self.rack, self.accelerator.device)
         return host
+
+    # Checkpoints -----------------------------------------------------------------------------------
+
+    def register_for_checkpointing(self, *objects) -> None:
+        """Saves and restores `objects` (anything with `state_dict` / `load_state_dict`) with every checkpoint,
+        in registration order, as `accelerator.register_for_checkpointing` does, but without pickle."""
+        for obj in objects:
+            if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+                raise TypeError(f"{type(obj).__name__} has no `state_dict` / `load_state_dict`; it cannot be checkpointed.")
+        self.checkpoint_objects.extend(objects)
+
+    def save_checkpoint(self, kind: str, rack, *, run: StageRun | None = None, optimizer=None, stack_idx: int,
+                        epoch=None, loss=None, activation_cache=None) -> str:
+        """Writes a checkpoint of the run (every process must call this); returns its manifest's path.
+        `kind`: "interval"/"stage_end" (automatic, rotated) or an explicit save's kind (never rotated)."""
+        history = self.run_log.history
+        self.state.log_history = list(history)
+        optimizer = optimizer if optimizer is not None else (run.optimizer if run is not None else None)
+        optimizer_state = None
+        if run is not None and uses_fsdp(self.accelerator):  # mid-stage under FSDP: gather the shards (fsdp.py)
+            rack = plain_copy(rack, run.module)
+            optimizer_state = gathered_optimizer_state(optimizer)
+        if activation_cache is None and self.trunk_cache is not None and self.trunk_cache.fingerprint is not None \
+                and (self.args.save_activation_cache or kind not in ("interval", "stage_end")):
+            activation_cache = self.trunk_cache
+        if loss is None:
+            loss = _last_train_loss(history)
+        last_eval = next((r for r in reversed(history) if r["kind"] == "eval"), None)
+        eval_loss = last_eval["loss"] if last_eval is not None and last_eval["step"] == self.state.global_step else None
+        return self.checkpoints.save(CheckpointContents(
+            kind=kind, rack=rack, state=self.state, stack_idx=stack_idx, optimizer=optimizer,
+            scheduler=run.scheduler if run is not None else None, scaler=self.accelerator.scaler,
+            optimizer_state=optimizer_state, objects=self.checkpoint_objects, activation_cache=activation_cache,
+            epoch=epoch, loss=loss, eval_loss=eval_loss,
+            run_state={"accelerator_step": self.accelerator.step, "seed": self.args.seed,
+                       "schedule_origin": self.schedule_origin,
+                       "stage_total_steps": run.total_steps if run is not None else None},
+        ))
+
+    def restore_checkpoint(self, path, rack, *, optimizer=None, map_location=None, verify_hashes=None,
+                           for_schedule: bool = False) -> Restored:
+        """Restores a run from a checkpoint: the rack in place, the trainer state, the run log, RNG states and
+        registered objects now; a mid-stage checkpoint's optimizer, scheduler and step counter when its stage
+        is rebuilt (`enter_stage`). `for_schedule`: refuse a checkpoint whose layout this schedule never has."""
+        accept = self._check_fits_schedule if for_schedule else None
+        restored = self.checkpoints.restore(path, rack, optimizer=optimizer, map_location=map_location,
+                                            verify_hashes=verify_hashes, objects=self.checkpoint_objects,
+                                            scaler=self.accelerator.scaler, accept=accept)
+        self.rack = rack
+        self.state = restored.state
+        self.run_log.replace_history(restored.state.log_history)
+        self._restored = restored
+        self._pending = restored if restored.mid_stage else None
+        self.resumed_from = restored.directory
+        return restored
+
+    def _resume(self) -> None:
+        """End of `setup`: records the layout the schedule starts from, then resumes when asked to."""
+        if self._restored is not None:
+            # Restored before `train()` (restore_from_checkpoint): the schedule starts from the saved run's layout.
+            origin = self._restored.run_state.get("schedule_origin")
+            if origin is not None:
+                self.schedule = resolve_schedule(self.experiment.stages, origin, self.args.max_stacks)
+                self.schedule_origin = list(origin)
+                self._check_fits_schedule(self._restored)
+            return
+        self.schedule_origin = list(self.rack.config.stack_sizes)
+        spec = self.args.resume_from_checkpoint
+        if not spec:
+            return
+        directory = self.checkpoints.resolve(spec)
+        if directory is None:
+            logger.warning("resume_from_checkpoint=%r: no valid checkpoint in %s; starting from scratch.",
+                           spec, self.checkpoints.root)
+            return
+        self.restore_checkpoint(directory, self.rack, for_schedule=True)
+
+    def _check_fits_schedule(self, restored: Restored) -> None:
+        state, schedule, directory = restored.state, self.schedule, restored.directory
+        if state.stage > len(schedule) or (state.stage_entered and state.stage >= len(schedule)):
+            raise CheckpointError(f"{directory}: its stage cursor ({state.stage}) is beyond this schedule's "
+                                  f"{len(schedule)} stages.")
+        if state.stage_entered:
+            expected = list(schedule[state.stage].stack_sizes)
+        elif state.stage > 0:
+            expected = list(schedule[state.stage - 1].stack_sizes)
+        else:
+            expected = list(self.schedule_origin or [])
+        if restored.stack_sizes != expected:
+            raise CheckpointError(
+                f"{directory}: its rack has stacks {restored.stack_sizes}; at stage {state.stage} "
+                f"({'inside' if state.stage_entered else 'before'} it) this schedule expects {expected}. "
+                "The checkpoint belongs to another run or schedule."
+            )
+
+    def _continue_from_checkpoint(self, run: StageRun) -> None:
+        """End of `enter_stage`: a mid-stage checkpoint's optimizer, scheduler, RNG and Accelerate step
+        counter go into the rebuilt run."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if run.stage.index != pending.state.stage:
+            logger.warning("%s: saved inside stage %d, but stage %d is starting; its optimizer state is not used.",
+                           pending.directory, pending.state.stage, run.stage.index)
+            return
+        self.checkpoints.restore_run(pending, run.optimizer, run.scheduler, self.rack)
+        self.accelerator.step = pending.run_state["accelerator_step"]
+        if pending.run_state.get("stage_total_steps") not in (None, run.total_steps):
+            logger.warning("%s: the stage was %d steps long when saved; it is now %d (the LR schedule follows the new "
+                           "length).", pending.directory, pending.run_state["stage_total_steps"], run.total_steps)
+        history = list(self.run_log.history)
+        if history and history[-1]["kind"] == "stage_start" and history[-1].get("stage") == run.stage.index:
+            history.pop()  # the stage started before the checkpoint; this is a resume, not a new start
+        history.append({"kind": "resume", "step": self.state.global_step, "stage": run.stage.index,
+                        "checkpoint": pending.directory})
+        self.run_log.replace_history(history)
 
     # Setup helpers ---------------------------------------------------------------------------------
 
@@ -375,8 +532,6 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
             if self.tokenizer is not None:  # a given tokenizer still supplies the mask/pad/eos ids
                 _fill_special_tokens(self.experiment.model, self.tokenizer)
             return
-        from ..data import build_datasets, check_tokenizer_fits, load_or_train_tokenizer
-
         data_args = self.experiment.data
         with self.accelerator.main_process_first():
             if self.tokenizer is None:
@@ -386,9 +541,10 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
         _fill_special_tokens(self.experiment.model, self.tokenizer)
 
     def _build_rack(self):
-        config = self.experiment.model
-        masked = any(s.objective != "clm" for s in self.experiment.stages)
-        if masked:
+        """A rack for the schedule's objectives, on a copy of the model config (masked objectives need
+        bidirectional attention)."""
+        config = copy.deepcopy(self.experiment.model)
+        if any(attention_mode_of(s.objective) == "bidirectional" for s in self.experiment.stages):
             config.attention_mode = "bidirectional"
             return StackWiseForMaskedLM(config)
         return StackWiseForCausalLM(config)
@@ -396,17 +552,14 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
     def _check_objectives(self) -> None:
         mode = self.rack.config.attention_mode
         for stage in self.schedule:
-            wanted = "causal" if stage.config.objective == "clm" else "bidirectional"
+            wanted = attention_mode_of(stage.config.objective)
             if wanted != mode:
                 raise ValueError(
                     f"stage {stage.name}: objective {stage.config.objective!r} needs a {wanted} rack; this rack's "
                     f"attention_mode is {mode!r}."
                 )
-        if any(stage.config.objective != "clm" for stage in self.schedule):
-            from .masking import ObjectiveConfig, stage_mask_ratios
-
-            # A bad `objective:` field or a depth schedule that does not fit the rack fails before training.
-            stage_mask_ratios(self.schedule, ObjectiveConfig.from_dict(self.experiment.objective, "objective"))
+        # A depth schedule that does not fit the rack fails before training.
+        stage_mask_ratios(self.schedule, self.experiment.objective)
 
     def _objective_kwargs(self, stage: ResolvedStage) -> dict:
         if stage.config.objective == "clm":
@@ -415,20 +568,20 @@ class ProgressiveTrainer(CheckpointingMixin, DirectTrainingMixin):
                 "schedule": self.schedule,
                 "mask_token_id": self.rack.config.mask_token_id, "vocab_size": self.rack.config.vocab_size}
 
-    def _total_steps(self, config: StageConfig, batches_per_epoch: int) -> int:
+    def _total_steps(self, config: StageConfig, batches_per_epoch: float) -> int:
         if batches_per_epoch < self.args.gradient_accumulation_steps:
             raise ValueError(
-                f"the training split has {len(self.train_dataset)} blocks: fewer than one optimizer step of "
-                f"{self.args.gradient_accumulation_steps} batch(es) of {self.args.per_device_train_batch_size} "
-                f"on each of {self.accelerator.num_processes} process(es)."
+                f"the training data gives {batches_per_epoch} batch(es) of {self.args.per_device_train_batch_size} "
+                f"per epoch on each of {self.accelerator.num_processes} process(es): fewer than one optimizer step "
+                f"of {self.args.gradient_accumulation_steps} batch(es)."
             )
         if config.max_steps is not None:
             return config.max_steps
+        if math.isinf(batches_per_epoch):
+            raise ValueError("a DataLoader without a length needs `max_steps` (or `training.steps_per_stage`).")
         return max(1, math.ceil(config.num_epochs * batches_per_epoch / self.args.gradient_accumulation_steps))
 
     def _merge_stage_adapters(self, stage: ResolvedStage) -> None:
-        from .. import adapters
-
         for name in (f"stack_{stage.stack}", "trunk"):
             if name in adapters.adapter_names(self.rack):
                 adapters.merge_stack_adapter(self.rack, name)
@@ -455,39 +608,6 @@ def build_accelerator(args: TrainingArguments) -> Accelerator:
     )
 
 
-class IndexedBlocks(Dataset):
-    """Rows of a token-block dataset with their index, so masks can be a function of (sample, stage)."""
-
-    def __init__(self, blocks):
-        self.blocks = blocks
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def __getitem__(self, index: int) -> dict:
-        row = self.blocks[index]
-        input_ids = row["input_ids"] if isinstance(row, dict) else row
-        return {"input_ids": torch.as_tensor(input_ids), "sample_id": index}
-
-
-class EpochSampler(Sampler):
-    """A shuffle that is a pure function of (seed, epoch): resuming at any epoch reproduces the order,
-    whatever happened to the global RNG in between."""
-
-    def __init__(self, num_samples: int, seed: int):
-        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        yield from torch.randperm(self.num_samples, generator=generator).tolist()
-
-
 def _as_experiment(config) -> ExperimentConfig:
     if isinstance(config, ExperimentConfig):
         return config
@@ -511,9 +631,14 @@ def _fused_if_cuda(device) -> dict:
 def _peak_memory(device) -> dict:
     if torch.device(device).type == "cuda":
         return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
-    import resource
-
     return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _length(loader) -> float:
+    try:
+        return len(loader)
+    except TypeError:
+        return math.inf
 
 
 def _first_train_loss(history: list[dict], stage: int):
@@ -531,4 +656,3 @@ def _flat_config(experiment: ExperimentConfig) -> dict:
                  if (v := getattr(experiment.model, k)) is not None})
     flat["stages"] = len(experiment.stages)
     return flat
-

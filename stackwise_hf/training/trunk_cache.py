@@ -270,6 +270,17 @@ class TrunkCache:
         return out.to(device) if device is not None else out
 
     @property
+    def splits(self) -> list[str]:
+        return list(self.stores)
+
+    def split_tensor(self, split: str) -> torch.Tensor:
+        """Every cached row of `split`: `(N, T, H)` in host memory."""
+        if split not in self.stores:
+            raise StaleCacheError(f"the trunk cache holds no {split!r} split; it has {self.splits}.")
+        store = self.stores[split]
+        return store.slice(0, store.rows)
+
+    @property
     def depth(self) -> int:
         return len(self.fingerprint["stacks"]) if self.fingerprint else 0
 

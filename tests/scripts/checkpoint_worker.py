@@ -69,13 +69,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.save_delay:
-        seal = checkpointing._seal
+        seal = checkpointing.seal_checkpoint
 
         def slow_seal(tmp, summary):
             time.sleep(args.save_delay)
             return seal(tmp, summary)
 
-        checkpointing._seal = slow_seal
+        checkpointing.seal_checkpoint = slow_seal
     spec = SIZES[args.size]
     vocab = spec["model"]["vocab_size"]
     trainer = ProgressiveTrainer(experiment(args.out, args.size, args.resume),
@@ -87,8 +87,8 @@ def main() -> None:
     result = trainer.train()
     info = trainer.get_training_info()
     with open(os.path.join(args.out, "result.json"), "w") as f:
-        json.dump({"sha256": weights_sha256(trainer.rack), "final_loss": result["final_loss"],
-                   "global_step": result["global_step"], "resumed_from": info["resumed_from"],
+        json.dump({"sha256": weights_sha256(trainer.rack), "final_loss": result.final_loss,
+                   "global_step": result.global_step, "resumed_from": info["resumed_from"],
                    "seconds": time.perf_counter() - started, "checkpoint_seconds": info["checkpoint_seconds"],
                    "checkpoints_saved": info["checkpoints_saved"]}, f)
 

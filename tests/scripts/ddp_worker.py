@@ -55,8 +55,8 @@ def main(config_path: str, out_dir: str, mode: str = "ddp") -> None:
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump({"rank": rank, "num_processes": trainer.accelerator.num_processes, "sha256": digest.hexdigest(),
                    "distributed_type": str(trainer.accelerator.distributed_type), "sharded_stacks": sharded,
-                   "final_loss": result["final_loss"], "eval_loss": result["eval_loss"],
-                   "stage_eval": [s["eval_loss"] for s in result["stages"]]}, f)
+                   "final_loss": result.final_loss, "eval_loss": result.eval_loss,
+                   "stage_eval": [s.eval_loss for s in result.stages]}, f)
 
 
 if __name__ == "__main__":
