@@ -20,7 +20,7 @@ def test_trainers_with_different_precision_and_device_run_one_after_another(tmp_
         trainer, result = _train(tmp_path, name, **training)
         assert trainer.accelerator.mixed_precision == training["mixed_precision"]
         assert trainer.accelerator.device == torch.device("cpu")
-        assert result["global_step"] == 2 and result["final_loss"] is not None
+        assert result.global_step == 2 and result.final_loss is not None
         # bf16 autocast really was on: the stage's forward ran its matmuls in bf16.
         with trainer.accelerator.autocast():
             product = torch.ones(2, 2) @ torch.ones(2, 2)
