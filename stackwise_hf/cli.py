@@ -17,12 +17,21 @@ import logging
 import os
 import sys
 
+import torch
+from huggingface_hub import file_exists
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+from . import adapters
+from .hub import push_checkpoint_to_hub, push_rack_folder_to_hub
+from .llama_interop import save_llama
+from .planner import format_plan, plan_experiment
+from .sampling import depth_unroll_generate, diffusion_generate
+from .training import ExperimentConfig, ProgressiveTrainer
+
 logger = logging.getLogger("stackwise_hf")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training import ExperimentConfig, ProgressiveTrainer
-
     overrides = list(args.set or [])
     if args.resume_from_checkpoint:
         overrides.append(f"training.resume_from_checkpoint={args.resume_from_checkpoint}")
@@ -53,15 +62,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoTokenizer
-
     rack = load_rack_for_cli(args.path, args.revision)
     tokenizer = AutoTokenizer.from_pretrained(args.path, revision=args.revision)
     torch.manual_seed(args.seed)
     if rack.config.attention_mode == "bidirectional":
-        from .sampling import depth_unroll_generate, diffusion_generate
-
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids if args.prompt else None
         if args.sampler == "unroll":
             out = depth_unroll_generate(rack, prefix_ids=ids, length=args.max_new_tokens,
@@ -79,8 +83,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push_checkpoint_to_hub, push_rack_folder_to_hub
-
     common = dict(commit_message=args.commit_message, private=args.private or None, revision=args.revision,
                   create_pr=args.create_pr, token=args.token)
     if args.checkpoint:
@@ -101,8 +103,6 @@ def _run_dir_of(path: str) -> str | None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .llama_interop import save_llama
-
     rack = load_rack_for_cli(args.path, args.revision)
     _merge_adapters(rack)
     tokenizer = _tokenizer_beside(args.path, args.revision)
@@ -117,7 +117,6 @@ def _merge_adapters(rack) -> None:
     """Folds every adapter a loaded rack carries into its weights: a plain Llama has no adapters."""
     if not getattr(rack, "peft_config", None):
         return
-    from . import adapters
 
     for name in adapters.adapter_names(rack):
         logger.info("Merging adapter %s into the exported weights.", name)
@@ -126,18 +125,12 @@ def _merge_adapters(rack) -> None:
 
 def _tokenizer_beside(path: str, revision: str | None):
     """The tokenizer saved with a rack (directory or Hub repo), or None when it has none."""
-    from huggingface_hub import file_exists
-    from transformers import AutoTokenizer
-
     name = "tokenizer_config.json"
     has = os.path.isfile(os.path.join(path, name)) if os.path.isdir(path) else file_exists(path, name, revision=revision)
     return AutoTokenizer.from_pretrained(path, revision=revision) if has else None
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .planner import format_plan, plan_experiment
-    from .training import ExperimentConfig
-
     experiment = ExperimentConfig.from_yaml(args.config, overrides=list(args.set or []))
     overrides = {"micro_batch": args.micro_batch} if args.micro_batch else {}
     plan = plan_experiment(experiment, gpu_memory=args.gpu_memory, host_memory=args.host_memory,
@@ -148,9 +141,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def load_rack_for_cli(path: str, revision: str | None = None):
     """Loads the rack class its config names (causal or masked), with its adapters."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
-    import stackwise_hf  # noqa: F401  (registers the Auto classes)
 
     config = AutoConfig.from_pretrained(path, revision=revision)
     auto = AutoModelForMaskedLM if config.attention_mode == "bidirectional" else AutoModelForCausalLM

@@ -44,9 +44,12 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from .adapters import AdapterSettings
 from .configuration_stackwise import StackWiseConfig, canonical_dtype
 from .training.arguments import parse_size
+from .training.experiment import ExperimentConfig
 from .training.schedule import ResolvedStage, resolve_schedule
+from .training.stage import first_trained_index, stack_roles, trunk_on_host
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -311,8 +314,6 @@ def _replay(config: StackWiseConfig, schedule: list[ResolvedStage]) -> list[list
 
 
 def _lora_parameters(shape: _Shape, stack_idx: int, blocks: int, adapter: dict | None) -> int:
-    from .adapters import AdapterSettings
-
     settings = AdapterSettings.from_dict(dict(adapter or {}))
     r, _ = settings.rank_for(stack_idx)
     h = shape.hidden
@@ -323,6 +324,247 @@ def _lora_parameters(shape: _Shape, stack_idx: int, blocks: int, adapter: dict |
 
 
 # The step ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _StageView:
+    """What one stage does, as the planner needs it: the stage module's answers (`training/stage.py`:
+    each stack's role, the first trained stack, where the trunk lives) under one `PlanSettings`."""
+
+    shape: _Shape
+    stage: ResolvedStage
+    settings: PlanSettings
+    stacks: list[_StackState]
+    roles: list[str]  # per stack: "trained", "adapter" (frozen base + trained LoRA) or "frozen"
+    first: int  # stacks [0, first) are the frozen trunk under no_grad; [first, n) the grad path
+    cache_mode: bool
+    on_host: bool
+    head_trains: bool
+    embed_trains: bool
+
+    @property
+    def tokens(self) -> int:
+        return self.settings.micro_batch * self.settings.seq_len
+
+    @property
+    def loss_tokens(self) -> int:
+        return self.settings.micro_batch * (self.settings.seq_len - 1)
+
+    @property
+    def autocast(self) -> bool:
+        return self.settings.mixed_precision in ("bf16", "fp16")
+
+    @property
+    def trunk_ids(self) -> list[int]:
+        return list(range(self.first))
+
+    @property
+    def path_ids(self) -> list[int]:
+        return list(range(self.first, len(self.stacks)))
+
+    def compute_bytes(self, dtype: str) -> int:
+        return 2 if self.autocast else DTYPE_BYTES[dtype]
+
+    def trunk_dtype(self, st: _StackState) -> str:
+        return st.dtype if self.settings.trunk_precision in ("stack", "int8", "nf4") else self.settings.trunk_precision
+
+    def frozen_weight_bytes(self, st: _StackState) -> float:
+        s, shape = self.settings, self.shape
+        quant = st.quantized or (s.trunk_precision if s.trunk_precision in QUANTIZED_BYTES else None)
+        if quant:
+            return st.blocks * (shape.linear_params * QUANTIZED_BYTES[quant] + 2 * shape.hidden * DTYPE_BYTES[st.dtype])
+        return st.blocks * shape.block_params * DTYPE_BYTES[self.trunk_dtype(st)]
+
+
+def _stage_view(config: StackWiseConfig, stage: ResolvedStage, settings: PlanSettings,
+                stacks: list[_StackState] | None) -> _StageView:
+    if stacks is None:
+        dtypes = list(config.stack_dtypes) + [config.stack_dtypes[-1]] * len(stage.stack_sizes)
+        stacks = [_StackState(n, dtypes[min(i, len(dtypes) - 1)]) for i, n in enumerate(stage.stack_sizes)]
+    shape = _Shape.of(config)
+    c = stage.config
+    first = first_trained_index(stage)
+    cache_mode = settings.trunk_mode == "cache" and first > 0
+    embed_trains = c.trains("embeddings")
+    return _StageView(
+        shape=shape, stage=stage, settings=settings, stacks=stacks, roles=stack_roles(stage), first=first,
+        cache_mode=cache_mode, on_host=cache_mode and settings.trunk_placement == "host",
+        head_trains=c.trains("head") or (shape.tied and embed_trains), embed_trains=embed_trains,
+    )
+
+
+@dataclass
+class _Weights:
+    trained: float = 0.0  # bytes of trained parameters on the device (LoRA included)
+    frozen: float = 0.0  # bytes of frozen weights on the device
+    host: float = 0.0  # bytes of the trunk kept on the host
+    trained_params: int = 0
+    frozen_params: int = 0
+    lora_params: int = 0
+
+
+def _weights(view: _StageView) -> _Weights:
+    """Where every weight is and whether it trains: stacks by role, then embeddings and head."""
+    shape, c, w = view.shape, view.stage.config, _Weights()
+    for i, st in enumerate(view.stacks):
+        params = st.blocks * shape.block_params
+        if view.roles[i] == "trained":
+            w.trained += params * DTYPE_BYTES[st.dtype]
+            w.trained_params += params
+            continue
+        w.frozen_params += params
+        if view.on_host and i in view.trunk_ids:
+            w.host += view.frozen_weight_bytes(st)
+        else:
+            w.frozen += view.frozen_weight_bytes(st)
+        if view.roles[i] == "adapter":
+            adapter = c.stack_adapter if i == view.stage.stack else c.trunk_adapter
+            w.lora_params += _lora_parameters(shape, i, st.blocks, adapter)
+    # LoRA weights are fp32 (peft's default): parameters, gradients and moments alike.
+    w.trained += 4 * w.lora_params
+    w.trained_params += w.lora_params
+    emb_params = shape.vocab * shape.hidden
+    head_params = (0 if shape.tied else shape.vocab * shape.hidden) + shape.hidden  # LM head and final norm, fp32
+    for trains, params in ((view.embed_trains, emb_params), (view.head_trains, head_params)):
+        if trains:
+            w.trained += 4 * params
+            w.trained_params += params
+        else:
+            w.frozen += 4 * params
+            w.frozen_params += params
+    return w
+
+
+@dataclass
+class _Activations:
+    # per block, in forward order: (saved, weight copies, weight grad, backward transient, recomputed, its copies)
+    blocks: list[tuple]
+    saved: int  # every activation the forward keeps, inputs included
+    copies: int  # autocast's compute-dtype copies of fp32 weights
+    norm_saved: int
+    rotary: int
+    inputs: int
+
+
+def _activations(view: _StageView, lora_params: int) -> _Activations:
+    """What the grad path's autograd graph saves, block by block (`_block_saved_bytes`)."""
+    shape, s, tokens = view.shape, view.settings, view.tokens
+    lora_blocks = max(1, sum(view.stacks[k].blocks for k in view.path_ids if view.roles[k] == "adapter"))
+    blocks = []
+    for i in view.path_ids:
+        st, role = view.stacks[i], view.roles[i]
+        sb, cb = DTYPE_BYTES[st.dtype], view.compute_bytes(st.dtype)
+        cast = view.autocast and sb == 4
+        for j in range(st.blocks):
+            input_grad = not (i == view.path_ids[0] and j == 0) or view.embed_trains
+            per_token = _block_saved_bytes(shape, sb, cb, cast, role != "frozen", input_grad)
+            if role == "adapter":
+                # peft's LoRA keeps each adapted projection's input in fp32 for lora_A and the (N, r) output for lora_B.
+                per_token += 4 * shape.hidden * 5
+            copies = 2 * shape.linear_params if cast and not st.quantized else 0
+            if st.quantized or (role != "trained" and s.trunk_precision in QUANTIZED_BYTES):
+                copies = 0  # a quantized layer dequantizes per call and keeps nothing
+            block_grad = {"trained": shape.block_params * sb, "adapter": 4 * lora_params // lora_blocks}.get(role, 0)
+            full = tokens * per_token
+            # Working set of the block's own backward: gradients of the MLP's (N, F) tensors and of the
+            # residual stream, and one weight gradient (compute-dtype product, then its cast).
+            transient = tokens * (3 * cb * shape.ffn + 2 * sb * shape.hidden) + (
+                (cb + sb) * shape.largest_linear if role == "trained" else 0)
+            if s.gradient_checkpointing and role == "trained":
+                # Only the block input is kept; backward re-runs the block (with its weight copies).
+                blocks.append((tokens * sb * shape.hidden, 0, block_grad, transient, full, copies))
+            else:
+                blocks.append((full, copies, block_grad, transient, 0, 0))
+        # Each stack casts the fp32 rotary cos/sin to its dtype and keeps them (shared by its blocks).
+        if sb != 4:
+            blocks[-1] = (blocks[-1][0] + 2 * tokens * shape.head_dim * sb,) + blocks[-1][1:]
+    rotary = 2 * tokens * shape.head_dim * 4  # position_embeddings in fp32
+    # Final norm (fp32 weight): keeps its fp32 input and the normalised x when it trains.
+    norm_saved = tokens * (4 * shape.hidden + 4 + (4 * shape.hidden if view.head_trains else 0))
+    inputs = tokens * 8  # input_ids (int64); CLM labels are the same tensor
+    return _Activations(blocks, sum(b[0] for b in blocks) + norm_saved + rotary + inputs,
+                        sum(b[1] for b in blocks), norm_saved, rotary, inputs)
+
+
+def _loss_working_set(view: _StageView) -> tuple[int, int, int]:
+    """(forward bytes, backward bytes, head weight copy kept with the activations) of head + loss."""
+    v, hdim, loss_tokens = view.shape.vocab, view.shape.hidden, view.loss_tokens
+    head_cast, head_trains = view.autocast, view.head_trains  # the head weight is fp32
+    if view.settings.loss_chunk_size:
+        chunk = min(view.settings.loss_chunk_size, loss_tokens)
+        grad_hidden = 4 * loss_tokens * hdim if view.path_ids or view.embed_trains else 0
+        grad_weight = 4 * v * hdim if head_trains else 0
+        w_copy = 2 * v * hdim if head_cast else 0
+        # Per chunk: fp32 logits, their compute-dtype copy and, when the head trains, the (V, H)
+        # product of the chunk in the compute dtype and its fp32 copy.
+        chunk_work = chunk * v * (4 + (2 if head_cast else 4)) + (
+            (2 if head_cast else 4) * v * hdim + 4 * v * hdim if head_trains else 0)
+        final_hidden = 4 * view.tokens * hdim
+        return grad_hidden + grad_weight + w_copy + chunk_work + final_hidden, 2 * grad_hidden + 2 * grad_weight, 0
+    # Plain path: bf16 logits -> fp32 copy -> log_softmax output (kept); backward adds the grad of
+    # the log-probs and of the logits: 12 bytes per logit at the worst moment.
+    cast_input = 2 * loss_tokens * hdim if head_cast else 0
+    forward = loss_tokens * v * (8 + (2 if head_cast else 0)) + cast_input
+    # Backward: log_softmax's kept output, its incoming and outgoing gradients (12 bytes a logit);
+    # then the head's backward: the logits' gradient and the weight gradient (product, fp32 cast).
+    head_backward = loss_tokens * v * (2 if head_cast else 4) + (
+        ((2 if head_cast else 0) + 4) * v * hdim if head_trains else 0)
+    backward = max(12 * loss_tokens * v, head_backward) + cast_input
+    return forward, backward, 2 * v * hdim if head_cast and head_trains else 0
+
+
+def _backward_peak(view: _StageView, acts: _Activations) -> tuple[int, int]:
+    """(gradients, activations) at the worst moment of the walk back through the trained blocks: each
+    block's backward starts with every earlier activation alive and the later blocks' gradients."""
+    shape = view.shape
+    head_params = 0 if shape.tied else shape.vocab * shape.hidden
+    grads = 4 * (head_params + shape.hidden) if view.head_trains else 0
+    remaining_act = acts.saved - acts.norm_saved
+    remaining_copies = acts.copies
+    worst = None
+    for kept, copies, block_grad, transient, recompute, recompute_copies in reversed(acts.blocks):
+        candidate = (grads, remaining_act + remaining_copies + transient + recompute + recompute_copies)
+        if worst is None or sum(candidate) > sum(worst):
+            worst = candidate
+        grads += block_grad
+        remaining_act -= kept
+        remaining_copies -= copies
+    return worst if worst is not None else (grads, 0)
+
+
+def _trunk_phase_activations(view: _StageView, acts: _Activations) -> int:
+    """One block of the last trunk stack running under no_grad (recompute, or extending the cache)."""
+    st = view.stacks[view.trunk_ids[-1]]
+    sb = DTYPE_BYTES[view.trunk_dtype(st)]
+    return acts.inputs + acts.rotary + _trunk_block_transient(view.shape, sb, view.compute_bytes(st.dtype),
+                                                             view.autocast and sb == 4, view.tokens)
+
+
+def _phases(view: _StageView, weights: _Weights, acts: _Activations) -> dict[str, MemoryBreakdown]:
+    s, shape = view.settings, view.shape
+    cache_batch = view.tokens * shape.hidden * DTYPE_BYTES[view.stacks[view.first - 1].dtype] if view.cache_mode else 0
+    workspace = s.workspace if s.workspace is not None else (64 * 2**20 if s.device_type == "cuda" else 0)
+    base = MemoryBreakdown(frozen_weights=int(weights.frozen), trained_weights=int(weights.trained),
+                           optimizer_state=int(2 * weights.trained),  # AdamW's two moments, like the parameter
+                           cache_buffers=int(cache_batch + workspace))
+    loss_forward, loss_backward, head_copy = _loss_working_set(view)
+    phases = {"loss": dataclasses.replace(base, activations=int(acts.saved + acts.copies + head_copy),
+                                          logits_loss=int(max(loss_forward, loss_backward)))}
+    grads, activations = _backward_peak(view, acts)
+    phases["backward"] = dataclasses.replace(base, gradients=int(grads), activations=int(activations))
+    # All gradients and both moments (fused on CUDA; CPU's loop holds two temporaries of a parameter).
+    head_linear = shape.vocab * shape.hidden if view.head_trains else 0
+    opt_temp = 0 if s.device_type == "cuda" else 2 * 4 * max(shape.largest_linear, head_linear)
+    phases["optimizer"] = dataclasses.replace(base, gradients=int(weights.trained),
+                                              activations=int(acts.inputs + opt_temp))
+    if view.trunk_ids and not view.cache_mode:
+        phases["trunk"] = dataclasses.replace(base, activations=int(_trunk_phase_activations(view, acts)))
+    if view.cache_mode:  # the newest trunk stack comes to the device to extend the cache
+        st = view.stacks[view.trunk_ids[-1]]
+        stack_w = view.frozen_weight_bytes(st) if view.on_host else 0
+        phases["extend"] = dataclasses.replace(base, frozen_weights=int(weights.frozen + stack_w),
+                                               activations=int(_trunk_phase_activations(view, acts)))
+    return phases
 
 
 def plan_stage(config: StackWiseConfig, stage: ResolvedStage, settings: PlanSettings,
@@ -336,214 +578,16 @@ def plan_stage(config: StackWiseConfig, stage: ResolvedStage, settings: PlanSett
         stacks: the stage's stacks with dtypes (from `_replay`); replayed from `stage` alone when None
             (growth and dtypes of earlier stages then come from `stage.stack_sizes` and `config`).
     """
-    if stacks is None:
-        dtypes = list(config.stack_dtypes) + [config.stack_dtypes[-1]] * len(stage.stack_sizes)
-        stacks = [_StackState(n, dtypes[min(i, len(dtypes) - 1)]) for i, n in enumerate(stage.stack_sizes)]
-    shape = _Shape.of(config)
-    s = settings
-    c = stage.config
-    tokens = s.micro_batch * s.seq_len
-    loss_tokens = s.micro_batch * (s.seq_len - 1)
-    autocast = s.mixed_precision in ("bf16", "fp16")
-    compute_of = (lambda dtype: 2) if autocast else (lambda dtype: DTYPE_BYTES[dtype])
-
-    def trunk_dtype(st: _StackState) -> str:
-        return st.dtype if s.trunk_precision in ("stack", "int8", "nf4") else s.trunk_precision
-
-    def weight_bytes(st: _StackState, frozen: bool) -> float:
-        quant = st.quantized or (s.trunk_precision if s.trunk_precision in QUANTIZED_BYTES else None)
-        if frozen and quant:
-            return st.blocks * (shape.linear_params * QUANTIZED_BYTES[quant] + 2 * shape.hidden * DTYPE_BYTES[st.dtype])
-        dtype = trunk_dtype(st) if frozen else st.dtype
-        return st.blocks * shape.block_params * DTYPE_BYTES[dtype]
-
-    train_all = "all" in c.train
-    trains_stack = c.trains("stack")
-    trains_head = c.trains("head")
-    trains_embeddings = c.trains("embeddings")
-    stack_lora = "stack_adapter" in c.train and not train_all
-    trunk_lora = "trunk_adapter" in c.train and c.trunk_adapter is not None and not train_all
-    kinds = []
-    for i, st in enumerate(stacks):
-        if train_all or (i == stage.stack and trains_stack):
-            kinds.append("trained")
-        elif (i == stage.stack and stack_lora) or (i != stage.stack and trunk_lora):
-            kinds.append("lora")
-        else:
-            kinds.append("frozen")
-    first = 0 if (trains_embeddings or train_all) else next(
-        (i for i, k in enumerate(kinds) if k != "frozen"), len(stacks))
-    trunk_ids = list(range(first))
-    path_ids = list(range(first, len(stacks)))
-    cache_mode = s.trunk_mode == "cache" and first > 0
-    on_host = cache_mode and s.trunk_placement == "host"
-
-    # Weights -------------------------------------------------------------------------------------------
-    emb_params = shape.vocab * shape.hidden
-    head_params = 0 if shape.tied else shape.vocab * shape.hidden
-    head_trains = trains_head or train_all or (shape.tied and trains_embeddings)
-    trained_w = frozen_w = host_w = 0.0
-    trained_params = frozen_params = 0
-    grad_path_linear = 0  # fp32 projection weights autocast copies in the grad path
-    lora_params = 0
-    for i, st in enumerate(stacks):
-        params = st.blocks * shape.block_params
-        if kinds[i] == "trained":
-            trained_w += params * DTYPE_BYTES[st.dtype]
-            trained_params += params
-        else:
-            w = weight_bytes(st, frozen=True)
-            frozen_params += params
-            if on_host and i in trunk_ids:
-                host_w += w
-            else:
-                frozen_w += w
-            if kinds[i] == "lora":
-                n = _lora_parameters(shape, i, st.blocks, c.stack_adapter if i == stage.stack else c.trunk_adapter)
-                lora_params += n
-        if i in path_ids and autocast and DTYPE_BYTES[st.dtype] == 4 and not st.quantized:
-            grad_path_linear += st.blocks * shape.linear_params
-    # LoRA weights are fp32 (peft's default): parameters, gradients and moments alike.
-    trained_w += 4 * lora_params
-    trained_params += lora_params
-    embed_trains = trains_embeddings or train_all
-    head_w = 4 * (head_params + shape.hidden)  # LM head and final norm: fp32 as built
-    emb_w = 4 * emb_params
-    if embed_trains:
-        trained_w += emb_w
-        trained_params += emb_params
-    else:
-        frozen_w += emb_w
-        frozen_params += emb_params
-    if head_trains:
-        trained_w += head_w
-        trained_params += head_params + shape.hidden
-    else:
-        frozen_w += head_w
-        frozen_params += head_params + shape.hidden
-    grads = trained_w  # same dtype as the parameters
-    optim = 2 * trained_w  # AdamW's exp_avg and exp_avg_sq, like the parameter
-    inputs = tokens * 8  # input_ids (int64); CLM labels are the same tensor
-
-    # Activations of the grad path --------------------------------------------------------------------
-    saved_blocks = []  # per block, in forward order: (saved bytes, weight-copy bytes, grad bytes, transient)
-    for i in path_ids:
-        st = stacks[i]
-        sb = DTYPE_BYTES[st.dtype]
-        cb = compute_of(st.dtype)
-        cast = autocast and sb == 4
-        for j in range(st.blocks):
-            input_grad = not (i == path_ids[0] and j == 0) or embed_trains
-            weights_train = kinds[i] in ("trained", "lora")
-            per_token = _block_saved_bytes(shape, sb, cb, cast, weights_train, input_grad)
-            if kinds[i] == "lora":
-                # peft's LoRA keeps each adapted projection's input in fp32 for lora_A and the (N, r) output for lora_B.
-                per_token += 4 * shape.hidden * 5
-            copies = 2 * shape.linear_params if cast and not st.quantized else 0
-            if st.quantized or (kinds[i] != "trained" and s.trunk_precision in QUANTIZED_BYTES):
-                copies = 0  # a quantized layer dequantizes per call and keeps nothing
-            block_grad = shape.block_params * sb if kinds[i] == "trained" else 0
-            if kinds[i] == "lora":
-                block_grad = 4 * lora_params // max(1, sum(stacks[k].blocks for k in path_ids if kinds[k] == "lora"))
-            checkpointed = s.gradient_checkpointing and kinds[i] == "trained"
-            full = tokens * per_token
-            # Working set of the block's own backward: gradients of the MLP's (N, F) tensors and of the
-            # residual stream, and one weight gradient (compute-dtype product, then its cast).
-            transient = tokens * (3 * cb * shape.ffn + 2 * sb * shape.hidden) + (
-                (cb + sb) * shape.largest_linear if kinds[i] == "trained" else 0)
-            if checkpointed:
-                # Only the block input is kept; backward re-runs the block (with its weight copies).
-                saved_blocks.append((tokens * sb * shape.hidden, 0, block_grad, transient, full, copies))
-            else:
-                saved_blocks.append((full, copies, block_grad, transient, 0, 0))
-        # Each stack casts the fp32 rotary cos/sin to its dtype and keeps them (shared by its blocks).
-        if sb != 4:
-            saved_blocks[-1] = (saved_blocks[-1][0] + 2 * tokens * shape.head_dim * sb,) + saved_blocks[-1][1:]
-    rotary = 2 * tokens * shape.head_dim * 4  # position_embeddings in fp32
-    # Final norm (fp32 weight): keeps its fp32 input and the normalised x when it trains.
-    norm_saved = tokens * (4 * shape.hidden + 4 + (4 * shape.hidden if head_trains else 0))
-    act_saved = sum(b[0] for b in saved_blocks) + norm_saved + rotary + inputs
-    copies_total = sum(b[1] for b in saved_blocks)
-
-    # Loss working set ---------------------------------------------------------------------------------
-    v, hdim = shape.vocab, shape.hidden
-    head_cast = autocast  # the head weight is fp32
-    if s.loss_chunk_size:
-        chunk = min(s.loss_chunk_size, loss_tokens)
-        grad_hidden = 4 * loss_tokens * hdim if path_ids or embed_trains else 0
-        grad_weight = 4 * v * hdim if head_trains else 0
-        w_copy = 2 * v * hdim if head_cast else 0
-        # Per chunk: fp32 logits, their compute-dtype copy and, when the head trains, the (V, H)
-        # product of the chunk in the compute dtype and its fp32 copy.
-        chunk_work = chunk * v * (4 + (2 if head_cast else 4)) + (
-            (2 if head_cast else 4) * v * hdim + 4 * v * hdim if head_trains else 0)
-        final_hidden = 4 * tokens * hdim
-        loss_forward = grad_hidden + grad_weight + w_copy + chunk_work + final_hidden
-        loss_backward = 2 * grad_hidden + 2 * grad_weight
-    else:
-        # Plain path: bf16 logits -> fp32 copy -> log_softmax output (kept); backward adds the grad of
-        # the log-probs and of the logits: 12 bytes per logit at the worst moment.
-        cast_input = 2 * loss_tokens * hdim if head_cast else 0
-        loss_forward = loss_tokens * v * (8 + (2 if head_cast else 0)) + cast_input
-        # Backward: log_softmax's kept output, its incoming and outgoing gradients (12 bytes a logit);
-        # then the head's backward: the logits' gradient and the weight gradient (product, fp32 cast).
-        head_backward = loss_tokens * v * (2 if head_cast else 4) + (
-            ((2 if head_cast else 0) + 4) * v * hdim if head_trains else 0)
-        loss_backward = max(12 * loss_tokens * v, head_backward) + cast_input
-        w_copy = 2 * v * hdim if head_cast and head_trains else 0
-        copies_total += w_copy
-    cache_batch = tokens * shape.hidden * DTYPE_BYTES[stacks[first - 1].dtype] if cache_mode else 0
-
-    workspace = s.workspace if s.workspace is not None else (64 * 2**20 if s.device_type == "cuda" else 0)
-    base = MemoryBreakdown(frozen_weights=int(frozen_w), trained_weights=int(trained_w), optimizer_state=int(optim),
-                           cache_buffers=int(cache_batch + workspace))
-    phases: dict[str, MemoryBreakdown] = {}
-
-    # loss: every activation saved, all weight copies, the loss working set
-    phases["loss"] = dataclasses.replace(base, activations=int(act_saved + copies_total),
-                                         logits_loss=int(max(loss_forward, loss_backward)))
-    # backward: block by block from the last, gradients accumulate as activations are freed
-    head_grad = (4 * (head_params + shape.hidden) if head_trains else 0)
-    worst = None
-    grads_so_far = head_grad
-    remaining_act = act_saved - norm_saved
-    remaining_copies = copies_total - (w_copy if not s.loss_chunk_size else 0)
-    for kept, copies, block_grad, transient, recompute, recompute_copies in reversed(saved_blocks):
-        # The block's backward starts with every earlier activation alive and the later blocks' grads.
-        candidate = (grads_so_far, remaining_act + remaining_copies + transient + recompute + recompute_copies)
-        if worst is None or sum(candidate) > sum(worst):
-            worst = candidate
-        grads_so_far += block_grad
-        remaining_act -= kept
-        remaining_copies -= copies
-    if worst is None:
-        worst = (grads_so_far, 0)
-    phases["backward"] = dataclasses.replace(base, gradients=int(worst[0]), activations=int(worst[1]))
-    # optimizer: all gradients and moments (fused on CUDA; CPU's loop holds two temporaries of a parameter)
-    opt_temp = 0 if s.device_type == "cuda" else 2 * 4 * max(shape.largest_linear, v * hdim if head_trains else 0)
-    phases["optimizer"] = dataclasses.replace(base, gradients=int(grads), activations=int(inputs + opt_temp))
-    # trunk: the frozen prefix under no_grad, one block at a time
-    if trunk_ids and not cache_mode:
-        st = stacks[trunk_ids[-1]]
-        sb = DTYPE_BYTES[trunk_dtype(st)]
-        phases["trunk"] = dataclasses.replace(base, activations=int(inputs + rotary + _trunk_block_transient(
-            shape, sb, compute_of(st.dtype), autocast and sb == 4, tokens)))
-    # extend: cache mode with the trunk on the host; the newest trunk stack comes to the device to extend the cache
-    if cache_mode:
-        st = stacks[trunk_ids[-1]]
-        sb = DTYPE_BYTES[trunk_dtype(st)]
-        stack_w = weight_bytes(st, frozen=True) if on_host else 0
-        phases["extend"] = dataclasses.replace(
-            base, frozen_weights=int(frozen_w + stack_w),
-            activations=int(inputs + rotary + _trunk_block_transient(shape, sb, compute_of(st.dtype), autocast and sb == 4,
-                                                                      tokens)))
+    view = _stage_view(config, stage, settings, stacks)
+    weights = _weights(view)
+    phases = _phases(view, weights, _activations(view, weights.lora_params))
     peak_phase = max(phases, key=lambda k: phases[k].total)
-    cache_dtype_bytes = DTYPE_BYTES[trunk_dtype(stacks[first - 1])] if first > 0 else 4
+    cache_dtype_bytes = DTYPE_BYTES[view.trunk_dtype(view.stacks[view.first - 1])] if view.first > 0 else 4
     return StagePlan(
-        index=stage.index, name=stage.name, stack=stage.stack, stack_sizes=tuple(stage.stack_sizes), settings=s,
+        index=stage.index, name=stage.name, stack=stage.stack, stack_sizes=tuple(stage.stack_sizes), settings=settings,
         device=phases[peak_phase], peak_phase=peak_phase, phases={k: v.total for k, v in phases.items()},
-        host_bytes=int(host_w), cache_bytes_per_token=shape.hidden * cache_dtype_bytes,
-        trained_parameters=int(trained_params), frozen_parameters=int(frozen_params),
+        host_bytes=int(weights.host), cache_bytes_per_token=view.shape.hidden * cache_dtype_bytes,
+        trained_parameters=int(weights.trained_params), frozen_parameters=int(weights.frozen_params),
     )
 
 
@@ -673,7 +717,8 @@ def settings_for_stage(experiment, stage: ResolvedStage, device_type: str = "cud
         micro_batch=training.per_device_train_batch_size, seq_len=experiment.data.block_size,
         mixed_precision=training.mixed_precision, loss_chunk_size=getattr(training, "loss_chunk_size", None),
         trunk_mode=c.trunk_mode, trunk_precision=quantization or "stack",
-        trunk_placement="host" if c.trunk_mode == "cache" else "device",
+        # Where the trainer keeps the trunk on one accelerator (a CPU plan models the same split).
+        trunk_placement="host" if trunk_on_host(stage, "cuda", num_processes=1) else "device",
         gradient_checkpointing=c.gradient_checkpointing, device_type=device_type,
     )
     fields.update(overrides)
@@ -714,8 +759,6 @@ def plan_experiment(experiment, gpu_memory=None, host_memory=None, reserve: floa
     True
     ```
     """
-    from .training.experiment import ExperimentConfig
-
     if not isinstance(experiment, ExperimentConfig):
         experiment = ExperimentConfig.from_yaml(experiment)
     gpu = parse_size(gpu_memory, "gpu_memory") if gpu_memory is not None else None

@@ -30,6 +30,9 @@ import logging
 
 import torch
 from accelerate.utils import DistributedType
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from .. import adapters
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +73,6 @@ def keep_loss_in_float32(accelerator) -> None:
 
 def _full(value):
     """The whole tensor behind a shard (an all-gather: every process calls it, in the same order)."""
-    from torch.distributed.tensor import DTensor
-
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
@@ -83,8 +84,6 @@ def plain_copy(rack, stage_module):
     trainable ones, merge records), `requires_grad` flags and generation config; each stack keeps its
     dtype (Accelerate upcasts trained low-precision weights to float32 while sharding).
     """
-    from .. import adapters
-
     full = {}
     for key, value in stage_module.state_dict().items():
         if key.startswith(RACK_PREFIX):
@@ -113,8 +112,6 @@ def plain_copy(rack, stage_module):
 
 
 def _copy_training_flags(source, target) -> None:
-    from .. import adapters
-
     if adapters.adapter_names(source):
         adapters.activate_adapters(target, adapters.active_adapters(source),
                                    trainable=adapters.trainable_adapters(source))
@@ -147,8 +144,6 @@ def gathered_optimizer_state(optimizer) -> dict:
 def shard_like_params(params: list, state: dict[int, dict]) -> dict[int, dict]:
     """Whole optimizer state tensors (by parameter index) sharded as their `DTensor` parameters are; state
     of plain parameters, and scalars such as `step`, is returned as it is."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     out = {}
     for index, values in state.items():
         param = params[index]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..adapters import AdapterSettings
 from ..config_io import check_choice, check_positive
 from ..configuration_stackwise import canonical_dtype
 from .objectives import OBJECTIVES
@@ -132,8 +133,6 @@ class StageConfig:
 
 def _check_adapter_settings(field_name: str, settings) -> None:
     """A bad adapter field fails when the schedule is read, not when its stage starts."""
-    from ..adapters import AdapterSettings
-
     if not isinstance(settings, dict):
         raise ValueError(f"`{field_name}` must be a mapping of adapter settings; got {settings!r}.")
     try:

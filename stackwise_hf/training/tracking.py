@@ -69,6 +69,8 @@ def plot_losses(history: list[dict], path: str) -> str | None:
     stages = [(r["step"], r.get("stage_name", "")) for r in history if r["kind"] == "stage_start"]
     if not train and not evals:
         return None
+    # Imported here, not at the top: pyplot must come after `use("Agg")` (no display on servers), and
+    # setting the backend at import time of this module would override the caller's choice.
     import matplotlib
 
     matplotlib.use("Agg")

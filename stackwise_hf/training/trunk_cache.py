@@ -38,6 +38,8 @@ import shutil
 from dataclasses import dataclass
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .arguments import parse_size
@@ -566,8 +568,6 @@ class _ShardStore:
         self._handles: dict[str, object] = {}
 
     def _handle(self, filename: str):
-        from safetensors import safe_open
-
         if filename not in self._handles:
             self._handles[filename] = safe_open(os.path.join(self.directory, filename), framework="pt")
         return self._handles[filename]
@@ -608,8 +608,6 @@ class _ShardWriter:
         self._flush(final=False)
 
     def _flush(self, final: bool) -> None:
-        from safetensors.torch import save_file
-
         pending = sum(t.shape[0] for t in self.pending)
         if not pending:
             return
