@@ -1,6 +1,6 @@
 """Progressive training with checkpoints, an interruption and a resume, on the bundled Shakespeare.
 
-    python examples/checkpointing_example.py [--config configs/checkpointing.yaml] [--max-steps N]
+    python examples/checkpointing_example.py [--config CONFIG] [--max-steps N]
                                              [--output-dir outputs/checkpointing]
 
 1. Train the first stage and stop, as a job that is killed would: its checkpoints are on disk.
@@ -10,14 +10,18 @@
 """
 
 import argparse
+from pathlib import Path
 
 from stackwise_hf import StackWiseForCausalLM
 from stackwise_hf.training import ExperimentConfig, ProgressiveTrainer
 
+# The repository's experiment file, found from this script so it runs from any working directory.
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "checkpointing.yaml"
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/checkpointing.yaml")
+    parser.add_argument("--config", default=str(CONFIG), help="experiment YAML (default: configs/checkpointing.yaml)")
     parser.add_argument("--output-dir", default="outputs/checkpointing")
     parser.add_argument("--max-steps", type=int, help="steps per stage (a quick run); checkpoints every half stage")
     args = parser.parse_args()

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import pickle
-import runpy
 import shutil
 import signal
 import subprocess
@@ -749,27 +748,6 @@ def test_failed_save_leaves_earlier_checkpoints(tmp_path, monkeypatch):
         trainer.save_progressive_checkpoint(0, rack)
     assert [c["path"] for c in trainer.list_checkpoints()] == [first] and not list(trainer.checkpoint_dir.glob("*.tmp"))
     verify_checkpoint(first)
-
-
-# The examples the guide points to --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("script, args", [
-    ("simple_checkpointing_test.py", []),
-    ("checkpointing_example.py", ["--max-steps", "6"]),
-])
-def test_examples_run(tmp_path, monkeypatch, capsys, script, args):
-    """Each example runs as `python examples/<script> --output-dir <tmp> ...` would (in this process, to
-    spare the seconds of a fresh interpreter's imports)."""
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(sys, "argv", [script, "--output-dir", str(tmp_path), *args])
-    try:
-        runpy.run_path(str(ROOT / "examples" / script), run_name="__main__")
-    except SystemExit as stop:
-        assert stop.code in (0, None)
-    out = capsys.readouterr().out
-    assert "FAIL" not in out
-    assert "All checks passed." in out or "Restored a rack with stacks [2, 2]" in out
 
 
 def test_train_rack_is_one_stage_of_the_trainer_loop_with_eval_and_trunk_cache(guide_dir):
