@@ -53,7 +53,7 @@ def main() -> None:
     result = trainer.train()
     unchanged = all(torch.equal(v, original[k]) for k, v in trainer.rack.model.stacks[0].state_dict().items())
     print(f"grew {llama.config.num_hidden_layers} layers to {trainer.rack.config.stack_sizes}: "
-          f"eval loss {result['eval_loss']:.3f}; the original layers unchanged: {unchanged}")
+          f"eval loss {result.eval_loss:.3f}; the original layers unchanged: {unchanged}")
 
     out = save_llama(trainer.rack, os.path.join(args.output_dir, "llama"), tokenizer=tokenizer)
     grown = LlamaForCausalLM.from_pretrained(out)

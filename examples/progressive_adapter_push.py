@@ -40,7 +40,7 @@ def main() -> None:
     })
     trainer = ProgressiveTrainer(experiment)
     result = trainer.train()
-    print(f"trained {trainer.rack.config.stack_sizes}: eval loss {result['eval_loss']:.3f}, rack in {result['output_dir']}")
+    print(f"trained {trainer.rack.config.stack_sizes}: eval loss {result.eval_loss:.3f}, rack in {result.output_dir}")
 
     if args.repo_id:
         info = trainer.rack.push_to_hub(args.repo_id, tokenizer=trainer.tokenizer, training_run=args.output_dir)
