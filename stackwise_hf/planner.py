@@ -42,7 +42,9 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .adapters import AdapterSettings
 from .configuration_stackwise import StackWiseConfig, canonical_dtype
@@ -659,15 +661,12 @@ class _LiveStorages:
     """The CPU half of `MemoryMeter`: live bytes by storage, through a dispatch mode and weak finalizers."""
 
     def __init__(self, device_type: str):
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils.weak import WeakIdKeyDictionary
-
         meter = self
 
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
-                for t in torch.utils._pytree.tree_leaves(out):
+                for t in tree_leaves(out):
                     meter.add(t)
                 return out
 

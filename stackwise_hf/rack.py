@@ -19,21 +19,17 @@ from transformers.utils import is_peft_available
 
 from . import growth, serialization
 from .errors import ShapeMismatchError
+from .rack_compat import GuideRackMixin, dtype_or_precision, guide_precision
 
 logger = logging.getLogger(__name__)
 
 
-class RackMixin:
+class RackMixin(GuideRackMixin):
     # Shape -------------------------------------------------------------------------------------------
 
     @property
     def num_stacks(self) -> int:
         return len(self.base_model.stacks)
-
-    @property
-    def current_stacks(self) -> int:
-        """Number of stacks in the rack (the original `rack_builder.current_stacks`)."""
-        return self.num_stacks
 
     def head_parameters(self) -> list[torch.nn.Parameter]:
         """The final norm and, for task heads, the LM head (the embedding too when tied)."""
@@ -54,14 +50,14 @@ class RackMixin:
             dtype / precision: the new stack's dtype ("float32", "bfloat16", "float16", or the
                 precision names "full", "half", "bf16"); defaults to the neighbouring stack's.
         """
-        return growth.grow(self, n_blocks, "append", init, _one_of(dtype, precision))
+        return growth.grow(self, n_blocks, "append", init, dtype_or_precision(dtype, precision))
 
     def prepend_stack(self, n_blocks: int, init: str = "random", dtype=None, precision=None) -> int:
         """Adds a stack at the input end of the rack (right-to-left building); returns 0.
 
         Existing stacks shift up by one index, and so do the stack adapters named after them.
         """
-        return growth.grow(self, n_blocks, "prepend", init, _one_of(dtype, precision))
+        return growth.grow(self, n_blocks, "prepend", init, dtype_or_precision(dtype, precision))
 
     def freeze_stacks(self, indices=None) -> list[int]:
         """Sets `requires_grad=False` on every weight of the given stacks (default: all)."""
@@ -78,7 +74,8 @@ class RackMixin:
     # Introspection ------------------------------------------------------------------------------------
 
     def get_stack_info(self, stack_idx: int) -> dict:
-        """Index, block count, parameter counts, dtype ("precision"), trainability and adapters of a stack."""
+        """Index, block count, parameter counts, dtype (and the guide's "precision" name: full/half/bfloat16),
+        trainability and adapters of a stack."""
         (stack_idx,) = growth.check_stack_indices(self, stack_idx)
         stack = self.base_model.stacks[stack_idx]
         base = [(n, p) for n, p in stack.named_parameters() if not serialization.is_adapter_key(n)]
@@ -92,7 +89,7 @@ class RackMixin:
             "adapter_parameters": sum(p.numel() for p in adapter),
             "trainable_parameters": sum(p.numel() for p in stack.parameters() if p.requires_grad),
             "dtype": dtype,
-            "precision": dtype,
+            "precision": guide_precision(dtype),
             "trainable": any(p.requires_grad for _, p in base),
             "adapters": sorted(_adapters_in(stack)),
             "gradient_checkpointing": bool(stack.gradient_checkpointing),
@@ -398,12 +395,6 @@ def _quantization_module():
     from . import quantization
 
     return quantization
-
-
-def _one_of(dtype, precision):
-    if dtype is not None and precision is not None and dtype != precision:
-        raise ValueError(f"Pass `dtype` or `precision`, not both (got dtype={dtype!r}, precision={precision!r}).")
-    return dtype if dtype is not None else precision
 
 
 def _adapters_in(stack) -> set[str]:

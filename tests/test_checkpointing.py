@@ -172,7 +172,7 @@ def test_guide_quick_start_and_loading(guide_dir):
     assert results1["final_loss"] < 4.6 and results2["steps"] == 4 and results2["stack"] == 1
     assert state_dicts_equal(_weights(new_rack_builder), saved)
     assert new_trainer.get_training_info()["global_step"] == 4
-    assert [s["precision"] for s in rack_builder.get_rack_info()["stack_info"]] == ["float32", "float32", "float16"]
+    assert [s["precision"] for s in rack_builder.get_rack_info()["stack_info"]] == ["full", "full", "half"]
     # The trained stack 1 changed; stack 0 (frozen in the second call) did not.
     after = _weights(rack_builder)
     assert all(torch.equal(after[k], saved[k]) for k in saved if ".stacks.0." in k)

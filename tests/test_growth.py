@@ -88,7 +88,7 @@ def test_freeze_and_unfreeze_and_info():
     assert info["current_stacks"] == 2 and info["total_blocks"] == 3
     assert [s["trainable"] for s in info["stack_info"]] == [False, True]
     assert info["stack_info"][0]["trainable_parameters"] == 0
-    assert info["stack_info"][1]["precision"] == "float32"
+    assert info["stack_info"][1]["precision"] == "full"
     assert info["total_parameters"] == sum(p.numel() for p in rack.parameters())
     rack.unfreeze_stacks()
     assert all(p.requires_grad for p in rack.parameters())

@@ -422,7 +422,7 @@ def test_trust_remote_code_loads_the_rack_without_the_package(hub_server, tmp_pa
     repo_id = f"{USER}/remote-code"
     shipped = sorted(f for f in _files(hub_server, repo_id) if f.endswith(".py"))
     assert shipped == ["configuration_stackwise.py", "errors.py", "growth.py", "hub.py", "model_card.py",
-                       "modeling_stackwise.py", "rack.py", "serialization.py"]
+                       "modeling_stackwise.py", "rack.py", "rack_compat.py", "serialization.py"]
     config = json.loads(hub_server.file_bytes(repo_id, "config.json"))
     assert config["auto_map"] == {"AutoConfig": "configuration_stackwise.StackWiseConfig",
                                   "AutoModelForCausalLM": "modeling_stackwise.StackWiseForCausalLM"}
