@@ -6,11 +6,13 @@ What happens in each stage (growth, what trains, objective, steps, learning rate
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from ..config_io import check_choice, check_positive
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+HUB_STRATEGIES = ("every_save", "stage_end", "end")
 TRACKERS = ("auto", "none", "all", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
 
 
@@ -39,7 +41,8 @@ class TrainingArguments:
             eval loss are never rotated out. Null keeps all.
         save_activation_cache (`bool`): include the trunk activation cache in checkpoints.
         resume_from_checkpoint (`str`, *optional*): a checkpoint directory, "latest" (the newest valid one
-            in `checkpoint_dir`), or a Hub repo id.
+            in `checkpoint_dir`), or a Hub location "namespace/name[@revision][/folder]"; a repo this trainer
+            pushed to (`push_to_hub`) resumes from its `last-checkpoint/` folder.
         verify_checkpoint_hashes (`bool`): check sha256 of every checkpoint file on load.
         steps_per_stage (`int`, *optional*): optimizer steps of each `ProgressiveTrainer.train_rack` call;
             null: one pass over the DataLoader it is given. (Stages of a schedule set their own length.)
@@ -55,6 +58,13 @@ class TrainingArguments:
         compile_blocks (`bool`): `torch.compile` each block of the trained stacks.
         plot (`bool`): draw `loss.png` (train and eval loss per step, stage boundaries marked).
         project_name (`str`): tracker project name.
+        push_to_hub (`bool`): push to the Hub repo `hub_model_id` while training, from a background thread
+            (`training/hub_sync.py`): checkpoints per `hub_strategy`, and the final rack at the end. A failed
+            push logs a warning; training goes on and the next save pushes again.
+        hub_model_id (`str`, *optional*): "namespace/name" (or "name" under the token's user); defaults to
+            the last component of `output_dir`.
+        hub_strategy (`str`): "every_save" (every checkpoint to `last-checkpoint/`), "stage_end" (stage-end
+            checkpoints only) or "end" (only the final rack).
 
     Example:
 
@@ -94,9 +104,13 @@ class TrainingArguments:
     compile_blocks: bool = False
     plot: bool = True
     project_name: str = "stackwise"
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_strategy: str = "every_save"
 
     def __post_init__(self):
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        check_choice("hub_strategy", self.hub_strategy, HUB_STRATEGIES)
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps"):
             check_positive(name, getattr(self, name))
@@ -113,6 +127,10 @@ class TrainingArguments:
         for tracker in reports:
             check_choice("report_to", tracker, TRACKERS)
         parse_size(self.trunk_cache_budget, "trunk_cache_budget")
+
+    @property
+    def resolved_hub_model_id(self) -> str:
+        return self.hub_model_id or os.path.basename(os.path.normpath(self.output_dir))
 
     @property
     def resolved_checkpoint_dir(self) -> str:

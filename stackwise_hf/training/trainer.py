@@ -35,10 +35,12 @@ from ..errors import CheckpointError
 from ..modeling_stackwise import StackWiseForCausalLM, StackWiseForMaskedLM
 from .arguments import TrainingArguments
 from .batches import EpochSampler, IndexedBlocks, batch_input_ids, indexed_loader
+from .checkpoint_format import checkpoint_directory
 from .checkpointing import CheckpointContents, CheckpointManager, Restored
 from .compat import GuideTrainerMixin
 from .experiment import ExperimentConfig
 from .fsdp import check_fsdp_support, gathered_optimizer_state, keep_loss_in_float32, plain_copy, unshard_rack, uses_fsdp
+from .hub_sync import HubSync, hub_checkpoint_location
 from .masking import stage_mask_ratios
 from .objectives import attention_mode_of, build_objective
 from .results import StageSummary, TrainResult
@@ -103,6 +105,7 @@ class ProgressiveTrainer(GuideTrainerMixin):
         self.resumed_from: str | None = None
         self._restored: Restored | None = None  # the checkpoint this run continues
         self._pending: Restored | None = None  # a mid-stage checkpoint waiting for its stage to be rebuilt
+        self.hub_sync: HubSync | None = None  # pushes while training (`push_to_hub`), main process only
 
     # The algorithm ----------------------------------------------------------------------------------
 
@@ -127,6 +130,8 @@ class ProgressiveTrainer(GuideTrainerMixin):
         if self.accelerator.trackers == [] and resolve_trackers(self.args.report_to):
             self.accelerator.init_trackers(self.args.project_name, config=_flat_config(self.experiment))
         logger.info("Schedule: %s", [(s.name, s.config.grow, s.stack, s.config.train) for s in self.schedule])
+        if self.args.push_to_hub and self.accelerator.is_main_process and self.hub_sync is None:
+            self.hub_sync = HubSync(self.args.resolved_hub_model_id, self.args.hub_strategy, self.args.output_dir)
         self._resume()
 
     def enter_stage(self, stage: ResolvedStage, *, dataloader=None, optimizer=None, stop: int | None = None) -> StageRun:
@@ -244,6 +249,10 @@ class ProgressiveTrainer(GuideTrainerMixin):
                 self.tokenizer.save_pretrained(final_dir)
             if self.args.plot:
                 self.run_log.plot(os.path.join(self.args.output_dir, PLOT_NAME))
+            if self.hub_sync is not None:
+                self.hub_sync.rack_saved(final_dir)
+                self.hub_sync.close()  # waits for the pushes still queued
+                self.hub_sync = None
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         stages = [StageSummary.from_dict(s) for s in self.state.stage_results]
@@ -437,7 +446,7 @@ class ProgressiveTrainer(GuideTrainerMixin):
             loss = _last_train_loss(history)
         last_eval = next((r for r in reversed(history) if r["kind"] == "eval"), None)
         eval_loss = last_eval["loss"] if last_eval is not None and last_eval["step"] == self.state.global_step else None
-        return self.checkpoints.save(CheckpointContents(
+        path = self.checkpoints.save(CheckpointContents(
             kind=kind, rack=rack, state=self.state, stack_idx=stack_idx, optimizer=optimizer,
             scheduler=run.scheduler if run is not None else None, scaler=self.accelerator.scaler,
             optimizer_state=optimizer_state, objects=self.checkpoint_objects, activation_cache=activation_cache,
@@ -446,6 +455,9 @@ class ProgressiveTrainer(GuideTrainerMixin):
                        "schedule_origin": self.schedule_origin,
                        "stage_total_steps": run.total_steps if run is not None else None},
         ))
+        if self.hub_sync is not None:  # queued; the push runs on its own thread
+            self.hub_sync.checkpoint_saved(checkpoint_directory(path), kind, self.state.global_step)
+        return path
 
     def restore_checkpoint(self, path, rack, *, optimizer=None, map_location=None, verify_hashes=None,
                            for_schedule: bool = False) -> Restored:
@@ -478,7 +490,7 @@ class ProgressiveTrainer(GuideTrainerMixin):
         spec = self.args.resume_from_checkpoint
         if not spec:
             return
-        directory = self.checkpoints.resolve(spec)
+        directory = self.checkpoints.resolve(hub_checkpoint_location(spec))
         if directory is None:
             logger.warning("resume_from_checkpoint=%r: no valid checkpoint in %s; starting from scratch.",
                            spec, self.checkpoints.root)
