@@ -6,8 +6,10 @@
 Stage 0 trains the first stack with the head and the embeddings; stage 1 appends a stack (initialised to
 the identity, so the rack computes the same function) and trains it; stage 2 appends one more and trains
 only a peft LoRA adapter on it, with the head. The final rack (weights, the adapter in peft's layout,
-tokenizer, loss plot) is in OUTPUT_DIR/final; with --repo-id it is pushed to that repo on the Hub that
-HF_ENDPOINT names (huggingface.co unless set) and pulled back.
+tokenizer, loss plot) is in OUTPUT_DIR/final. With --repo-id the run pushes, while it trains, each
+stage-end checkpoint to that repo's `last-checkpoint/` and at the end the final rack, on the Hub that
+HF_ENDPOINT names (huggingface.co unless set); the rack is then pulled back. An interrupted run resumes
+from the repo with `resume_from_checkpoint=REPO_ID`.
 """
 
 import argparse
@@ -31,7 +33,8 @@ def main() -> None:
     experiment = ExperimentConfig.from_dict({
         "model": MODEL, "data": DATA,
         "training": {"output_dir": args.output_dir, "per_device_train_batch_size": 16, "logging_steps": 10,
-                     "report_to": "none"},
+                     "report_to": "none", "push_to_hub": bool(args.repo_id), "hub_model_id": args.repo_id,
+                     "hub_strategy": "stage_end"},
         "stages": [
             {"train": ["stack", "head", "embeddings"], "max_steps": args.max_steps, "learning_rate": 3e-3},
             {**grow, "train": ["stack", "head"], "learning_rate": 2e-3},
@@ -43,9 +46,8 @@ def main() -> None:
     print(f"trained {trainer.rack.config.stack_sizes}: eval loss {result.eval_loss:.3f}, rack in {result.output_dir}")
 
     if args.repo_id:
-        info = trainer.rack.push_to_hub(args.repo_id, tokenizer=trainer.tokenizer, training_run=args.output_dir)
         pulled = StackWiseForCausalLM.from_pretrained(args.repo_id)
-        print(f"pushed to {info.commit_url}; pulled back with adapters {pulled.get_rack_info()['adapters']}")
+        print(f"pulled {args.repo_id} back with adapters {pulled.get_rack_info()['adapters']}")
 
 
 if __name__ == "__main__":

@@ -38,8 +38,10 @@ def test_progressive_adapter_push(hub_server, tmp_path, monkeypatch, capsys):
     out = _run("progressive_adapter_push.py", ["--output-dir", "run", "--max-steps", "4", "--repo-id", "me/tiny-rack"],
                tmp_path, monkeypatch, capsys)
     assert "trained [1, 1, 1]" in out
-    assert "pulled back with adapters ['stack_2']" in out
-    assert "adapters/stack_2/adapter_model.safetensors" in hub_server.commits("me/tiny-rack")[0].files
+    assert "pulled me/tiny-rack back with adapters ['stack_2']" in out
+    commits = hub_server.commits("me/tiny-rack")
+    assert "adapters/stack_2/adapter_model.safetensors" in commits[0].files
+    assert "Training checkpoint: step 12 (stage_end)" in [c.message for c in commits]  # pushed while training
 
 
 def test_llama_growth(tmp_path, monkeypatch, capsys):
