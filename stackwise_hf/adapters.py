@@ -92,6 +92,9 @@ class AdapterSettings:
             "all-linear", or a list of projection names.
         lora_dropout (`float`, defaults to 0.0): dropout on the adapter's input.
         use_rslora (`bool`, defaults to `False`): peft's rank-stabilised scaling `alpha / sqrt(r)`.
+        use_dora (`bool`, defaults to `False`): peft's DoRA (weight-decomposed LoRA): the adapted weight's
+            direction gets the low-rank update and a learned per-output magnitude rescales it. Saved, loaded
+            and merged like LoRA.
         init_lora_weights (`bool` or `str`, defaults to `True`): peft's init: `True` (Kaiming A, zero B, so
             a new adapter changes nothing), "gaussian" (Gaussian A, zero B), or `False` (random B: the
             adapter changes the function from the start; for tests).
@@ -118,6 +121,7 @@ class AdapterSettings:
     target: str | list[str] = "all-linear"
     lora_dropout: float = 0.0
     use_rslora: bool = False
+    use_dora: bool = False
     init_lora_weights: bool | str = True
 
     def __post_init__(self):
@@ -142,6 +146,9 @@ class AdapterSettings:
                 raise ValueError(f"`alpha_list` needs one entry per `r_list` entry; got {self.alpha_list!r}.")
             self.alpha_list = [_check_positive_number("alpha_list", a) for a in self.alpha_list]
         _projections(self.target)
+        for name in ("scale_alpha", "use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be true or false; got {getattr(self, name)!r}.")
         if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
             raise ValueError(f"`lora_dropout` must be in [0, 1); got {self.lora_dropout!r}.")
         if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights in INIT_LORA_WEIGHTS):
@@ -193,6 +200,7 @@ class AdapterSettings:
         return LoraConfig(
             lora_dropout=self.lora_dropout,
             use_rslora=self.use_rslora,
+            use_dora=self.use_dora,
             init_lora_weights=self.init_lora_weights,
             **_targeting(ranks, self.projections),
         )
