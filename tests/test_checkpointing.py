@@ -773,3 +773,59 @@ def test_train_rack_is_one_stage_of_the_trainer_loop_with_eval_and_trunk_cache(g
         ids = torch.stack([row["input_ids"] for row in synthetic_blocks(24)])
         hidden = body.forward_stacks(body.embed_tokens(ids), 0, 1, **body.attention_inputs(body.embed_tokens(ids)))
     torch.testing.assert_close(cache["train"], hidden, rtol=1e-5, atol=1e-5)
+
+
+def _manifest_damages():
+    def edit(change):
+        def apply(directory):
+            manifest = json.loads((directory / "manifest.json").read_text())
+            change(manifest)
+            (directory / "manifest.json").write_text(json.dumps(manifest))
+        return apply
+
+    def raw(data):
+        return lambda directory: (directory / "manifest.json").write_bytes(data)
+
+    return {
+        "not_utf8": raw(b"\xff\xfe\x00{"), "a_list": raw(b"[]"), "a_string": raw(b'"manifest"'),
+        "summary_is_text": edit(lambda m: m.update(summary="x")),
+        "step_is_text": edit(lambda m: m["summary"].update(global_step="12")),
+        "files_is_a_list": edit(lambda m: m.update(files=[])),
+        "entry_is_a_number": edit(lambda m: m["files"].update({next(iter(m["files"])): 1})),
+        "version_is_text": edit(lambda m: m.update(format_version="1")),
+        "version_is_true": edit(lambda m: m.update(format_version=True)),
+        "unknown_version": edit(lambda m: m.update(format_version=99)),
+        "path_outside": edit(lambda m: m["files"].update({"../x": {"size": 1, "sha256": "0"}})),
+    }
+
+
+@pytest.mark.parametrize("damage", sorted(_manifest_damages()))
+def test_latest_skips_a_damaged_manifest_and_says_why(guide_dir, damage, caplog):
+    config = StackWiseConfig.from_yaml("config.yaml")
+    trainer = ProgressiveTrainer(config=config)
+    rack = StackWiseForCausalLM(copy.deepcopy(config))
+    trainer.state.global_step = 1
+    good = trainer.save_progressive_checkpoint(0, rack)
+    trainer.state.global_step = 2
+    bad = Path(trainer.save_progressive_checkpoint(0, rack)).parent
+    _manifest_damages()[damage](bad)
+    with caplog.at_level(logging.WARNING):
+        assert [c["path"] for c in trainer.list_checkpoints()] == [good]
+        assert trainer.checkpoints.resolve("latest") == str(Path(good).parent)
+    assert f"Skipping checkpoint: {bad.resolve()}" in caplog.text
+    if damage == "unknown_version":
+        assert "format_version 99 found; this library supports [1]" in caplog.text
+
+
+def test_a_damaged_rack_index_in_the_newest_checkpoint_is_skipped(guide_dir, caplog):
+    config = StackWiseConfig.from_yaml("config.yaml")
+    trainer = ProgressiveTrainer(config=config)
+    rack = StackWiseForCausalLM(copy.deepcopy(config))
+    trainer.state.global_step = 1
+    good = trainer.save_progressive_checkpoint(0, rack)
+    trainer.state.global_step = 2
+    bad = Path(trainer.save_progressive_checkpoint(0, rack)).parent
+    index = bad / "rack" / "model.safetensors.index.json"
+    index.write_bytes(b"\xff" * index.stat().st_size)  # same size: only the hash check can catch it
+    assert trainer.checkpoints.resolve("latest") == str(Path(good).parent)
+    assert f"{bad.resolve()}/rack/model.safetensors.index.json: not valid JSON" in caplog.text

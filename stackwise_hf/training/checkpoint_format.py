@@ -249,6 +249,43 @@ def checkpoint_directory(path: str | os.PathLike) -> str:
     return path
 
 
+SUPPORTED_VERSIONS = (1,)
+# Summary fields the listing sorts and reports by: name -> accepted types (None always allowed).
+_SUMMARY_TYPES = {"global_step": int, "stage": int, "stack_idx": int, "time": (int, float), "loss": (int, float),
+                  "eval_loss": (int, float), "kind": str, "timestamp": str, "stage_entered": bool}
+
+
+def _read_manifest(manifest_path: str) -> dict:
+    """The manifest, its shape checked: a damaged one raises `CorruptCheckpointError` naming the file and
+    what is wrong, never a TypeError or UnicodeDecodeError; an unknown version raises naming it."""
+    try:
+        with open(manifest_path, "rb") as f:
+            manifest = json.loads(f.read().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptCheckpointError(f"{manifest_path}: not valid JSON ({err}).") from err
+    if not isinstance(manifest, dict):
+        raise CorruptCheckpointError(f"{manifest_path}: expected a JSON object, got {type(manifest).__name__}.")
+    missing = [k for k in ("format", "format_version", "files", "summary") if k not in manifest]
+    if missing:
+        raise CorruptCheckpointError(f"{manifest_path}: missing field(s) {missing}.")
+    if manifest["format"] != FORMAT:
+        raise CorruptCheckpointError(f"{manifest_path}: format {manifest['format']!r}; expected {FORMAT!r}.")
+    version = manifest["format_version"]
+    if isinstance(version, bool) or not isinstance(version, int) or version not in SUPPORTED_VERSIONS:
+        raise CheckpointError(f"{manifest_path}: format_version {version!r} found; this library supports "
+                              f"{list(SUPPORTED_VERSIONS)}.")
+    if not isinstance(manifest["files"], dict):
+        raise CorruptCheckpointError(f"{manifest_path}: `files` must be an object; got {type(manifest['files']).__name__}.")
+    summary = manifest["summary"]
+    if not isinstance(summary, dict):
+        raise CorruptCheckpointError(f"{manifest_path}: `summary` must be an object; got {type(summary).__name__}.")
+    for key, types in _SUMMARY_TYPES.items():
+        value = summary.get(key)
+        if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and types is not bool)):
+            raise CorruptCheckpointError(f"{manifest_path}: summary.{key} is {value!r}; expected {types}.")
+    return manifest
+
+
 def verify_checkpoint(path: str | os.PathLike, hashes: bool = True) -> dict:
     """Checks a checkpoint against its manifest and returns the manifest.
 
@@ -268,18 +305,8 @@ def verify_checkpoint(path: str | os.PathLike, hashes: bool = True) -> dict:
             f"{directory}: no {MANIFEST_NAME}, so the checkpoint is incomplete (its save was interrupted) or was "
             "retired; it cannot be verified and is not used."
         )
-    try:
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
-        files, version = manifest["files"], manifest["format_version"]
-        if manifest["format"] != FORMAT or not isinstance(files, dict):
-            raise ValueError(f"format {manifest['format']!r}")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
-        raise CorruptCheckpointError(f"{manifest_path}: not a valid checkpoint manifest ({err!r}).") from err
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{manifest_path}: format_version {version!r}; this library reads up to {FORMAT_VERSION}."
-        )
+    manifest = _read_manifest(manifest_path)
+    files = manifest["files"]
     for rel, entry in sorted(files.items()):
         full = checked_member(directory, rel, manifest_path)
         if not (isinstance(entry, dict) and isinstance(entry.get("size"), int)
@@ -311,20 +338,21 @@ def verify_checkpoint(path: str | os.PathLike, hashes: bool = True) -> dict:
 def _check_rack_references(directory: str, listed: set[str]) -> None:
     """Every file the rack loader will open (shards named by the index, adapter folders named by the
     adapter manifest) must be a listed, verified file of this checkpoint."""
-    with open(os.path.join(directory, RACK_DIR, serialization.INDEX_NAME), encoding="utf-8") as f:
-        try:
-            shards = set(json.load(f)["weight_map"].values())
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise CorruptCheckpointError(f"{directory}: unreadable rack index ({err!r}).") from err
+    index_path = os.path.join(directory, RACK_DIR, serialization.INDEX_NAME)
+    weight_map = _read_json_object(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CorruptCheckpointError(f"{index_path}: `weight_map` must map tensor names to file names.")
+    shards = set(weight_map.values())
     wanted = {f"{RACK_DIR}/{name}" for name in shards}
     adapter_manifest = f"{RACK_DIR}/{_ADAPTER_MANIFEST}"
     if adapter_manifest in listed:
-        with open(os.path.join(directory, adapter_manifest), encoding="utf-8") as f:
-            try:
-                entries = json.load(f)["adapters"]
-                folders = [e["folder"] for e in entries if not e.get("merged")]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise CorruptCheckpointError(f"{directory}: unreadable adapter manifest ({err!r}).") from err
+        manifest_file = os.path.join(directory, adapter_manifest)
+        entries = _read_json_object(manifest_file).get("adapters")
+        try:
+            folders = [e["folder"] for e in entries if not e.get("merged")]
+        except (KeyError, TypeError, AttributeError) as err:
+            raise CorruptCheckpointError(f"{manifest_file}: `adapters` must be a list of entries with a `folder` "
+                                         f"({err!r}).") from err
         for folder in folders:
             checked_member(os.path.join(directory, RACK_DIR, "adapters"), folder, f"{directory}/{adapter_manifest}")
             wanted.add(f"{RACK_DIR}/adapters/{folder}/adapter_config.json")
@@ -333,6 +361,17 @@ def _check_rack_references(directory: str, listed: set[str]) -> None:
         raise CorruptCheckpointError(
             f"{directory}: the rack refers to files the manifest does not list: {outside[:5]}."
         )
+
+
+def _read_json_object(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.read().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptCheckpointError(f"{path}: not valid JSON ({err}).") from err
+    if not isinstance(value, dict):
+        raise CorruptCheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}.")
+    return value
 
 
 # Optimizer state keyed by parameter name ------------------------------------------------------------------

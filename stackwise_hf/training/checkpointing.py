@@ -308,6 +308,8 @@ class CheckpointManager:
         rotated = [e for e in valid if e["kind"] in ROTATED_KINDS]
         if limit is None or len(rotated) <= limit:
             return
+        # `keep` was sealed a moment ago, so it is verified; any newer valid one is kept too (valid[0]): the
+        # newest verified checkpoint is never among those deleted.
         kept = {e["directory"] for e in rotated[:limit]} | {valid[0]["directory"], os.fspath(keep)}
         scored = [e for e in valid if e["eval_loss"] is not None]
         if scored:
