@@ -1,4 +1,5 @@
-"""Adapters on disk: `save_adapters` and `load_adapters`, in peft's own format plus a manifest.
+"""The adapter part of a rack's files: `save_adapters` and `load_adapters`, in peft's own format plus a
+manifest. `rack_files` writes and reads a rack's adapters through these two; names are `layout`'s.
 
 Adapters sit next to the rack, one folder per adapter, exactly as
 `PeftModel.save_pretrained(<rack>/adapters)` writes non-default adapters, plus a manifest:
@@ -13,14 +14,12 @@ Adapters sit next to the rack, one folder per adapter, exactly as
 so a single adapter also loads with plain peft:
 `PeftModel.from_pretrained(rack, rack_dir, subfolder="adapters/stack_1", adapter_name="stack_1")`.
 
-The adapters themselves (adding, activating, merging, renaming) are `stackwise_hf.adapters`'s, which
-re-exports `save_adapters`, `load_adapters`, `manifest_exists` and `MANIFEST_PATH`.
+The adapters themselves (adding, activating, merging, renaming) are `stackwise_hf.adapters`'s.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import shutil
@@ -29,9 +28,7 @@ from collections.abc import Iterable
 import torch
 from peft import LoraConfig, PeftConfig
 from peft.functional import get_peft_model_state_dict, inject_adapter_in_model
-from safetensors.torch import save_file
 
-from . import serialization
 from .adapters import (
     _as_names,
     _base_requires_grad_kept,
@@ -48,19 +45,20 @@ from .adapters import (
     trainable_adapters,
 )
 from .errors import CorruptFileError, ShapeMismatchError
+from .layout import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_ENTRY_KEYS,
+    ADAPTER_FORMAT_VERSION,
+    ADAPTER_MANIFEST,
+    ADAPTER_MANIFEST_NAME,
+    ADAPTER_WEIGHTS_FILE,
+    ADAPTERS_DIR,
+    PEFT_KEY_PREFIX,
+)
+from .resolver import Resolver, has_file, resolver_for
+from .serialization import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 
 logger = logging.getLogger(__name__)
-
-ADAPTERS_DIR = "adapters"
-MANIFEST_NAME = "stackwise_adapters.json"
-MANIFEST_PATH = f"{ADAPTERS_DIR}/{MANIFEST_NAME}"
-FORMAT_VERSION = 1
-_MANIFEST_KEYS = ("name", "stacks", "merged", "folder")
-# peft's file names and the key prefix `PeftModel.save_pretrained` gives every tensor (the PeftModel
-# wraps the rack as `base_model.model`); written the same way so plain peft loads our files.
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PEFT_KEY_PREFIX = "base_model.model."
 
 
 # Saving ---------------------------------------------------------------------------------------------
@@ -80,7 +78,7 @@ def save_adapters(rack, path: str | os.PathLike) -> str:
         The adapters directory.
     """
     directory = os.path.join(os.fspath(path), ADAPTERS_DIR)
-    manifest_file = os.path.join(directory, MANIFEST_NAME)
+    manifest_file = os.path.join(directory, ADAPTER_MANIFEST_NAME)
     previous = _previous_folders(manifest_file)
     live = adapter_names(rack)
     entries = [{**r, "folder": None} for r in merged_adapters(rack)]
@@ -91,7 +89,7 @@ def save_adapters(rack, path: str | os.PathLike) -> str:
                         "active": name in active, "trainable": name in trainable})
     if entries:
         os.makedirs(directory, exist_ok=True)
-        _atomic_write_json(manifest_file, {"format_version": FORMAT_VERSION, "adapters": entries})
+        atomic_write_json(manifest_file, {"format_version": ADAPTER_FORMAT_VERSION, "adapters": entries})
     elif os.path.isfile(manifest_file):
         os.remove(manifest_file)
     for folder in previous - set(live):
@@ -105,9 +103,7 @@ def _save_one(rack, name: str, folder: str) -> None:
     weights = get_peft_model_state_dict(rack, adapter_name=name, save_embedding_layers=False)
     weights = {PEFT_KEY_PREFIX + k: v.detach().contiguous().cpu() for k, v in weights.items()}
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, WEIGHTS_FILE + ".tmp")
-    save_file(weights, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(folder, WEIGHTS_FILE))
+    atomic_save_tensors(weights, os.path.join(folder, ADAPTER_WEIGHTS_FILE))
     # As PeftModel.save_pretrained writes it: inference mode on, and the class to rebuild the base from.
     config = copy.deepcopy(rack.peft_config[name])
     config.inference_mode = True
@@ -126,7 +122,7 @@ def _previous_folders(manifest_file: str) -> set[str]:
 
 def _remove_adapter_folder(folder: str) -> None:
     # Only peft's two files: anything else a user put there stays.
-    for filename in (CONFIG_FILE, WEIGHTS_FILE):
+    for filename in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
         target = os.path.join(folder, filename)
         if os.path.isfile(target):
             os.remove(target)
@@ -134,24 +130,12 @@ def _remove_adapter_folder(folder: str) -> None:
         shutil.rmtree(folder)
 
 
-def _atomic_write_json(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 # Loading --------------------------------------------------------------------------------------------
 
 
-def manifest_exists(resolve: serialization.Resolver) -> bool:
+def manifest_exists(resolve: Resolver) -> bool:
     """True when the rack directory or repo behind `resolve` has an adapter manifest."""
-    try:
-        resolve(MANIFEST_PATH)
-    except FileNotFoundError:
-        return False
-    return True
+    return has_file(resolve, ADAPTER_MANIFEST)
 
 
 def load_adapters(
@@ -182,16 +166,20 @@ def load_adapters(
         ShapeMismatchError: an adapter's tensors do not fit the rack's modules.
         ValueError: unknown or merged names asked for, a name clash, a foreign adapter type.
     """
-    resolve = serialization.resolver_for(path, **hub_kwargs)
+    return read_adapters(rack, resolver_for(path, **hub_kwargs), path, names=names, replace=replace)
+
+
+def read_adapters(rack, resolve: Resolver, where, names: Iterable[str] | None = None, replace: bool = False) -> list[str]:
+    """`load_adapters` from the rack directory or repo behind `resolve` (`where` names it in messages)."""
     if not manifest_exists(resolve):
         if replace and names is None:
             remove_all_adapters(rack)
             rack._merged_adapters = []
             return []
         raise FileNotFoundError(
-            f"{path}: no adapter manifest ({MANIFEST_PATH}); nothing was saved with `save_adapters`."
+            f"{where}: no adapter manifest ({ADAPTER_MANIFEST}); nothing was saved with `save_adapters`."
         )
-    manifest_file = resolve(MANIFEST_PATH)
+    manifest_file = resolve(ADAPTER_MANIFEST)
     manifest = _parse_manifest(manifest_file)
     entries = _select(manifest, names, manifest_file)
     if not replace:
@@ -200,7 +188,18 @@ def load_adapters(
             raise ValueError(f"The rack already has adapter(s) {clash}; pass replace=True or remove them first.")
     prepared = [(e, *_read_adapter(rack, resolve, e, manifest_file)) for e in entries]
     _check_shapes(rack, prepared)
+    _apply(rack, prepared, replace)
+    if replace:
+        rack._merged_adapters = [
+            {k: v for k, v in e.items() if k != "folder"} for e in manifest["adapters"] if e["merged"]
+        ]
+    loaded = [e["name"] for e in entries]
+    logger.info("Loaded adapters %s from %s", loaded, where)
+    return loaded
 
+
+def _apply(rack, prepared: list[tuple[dict, LoraConfig, dict]], replace: bool) -> None:
+    """Injects checked adapters, restoring their saved activity and trainability."""
     if replace:
         remove_all_adapters(rack)
     active, trainable = active_adapters(rack), trainable_adapters(rack)
@@ -211,30 +210,22 @@ def load_adapters(
     trainable += [e["name"] for e, _, _ in prepared if e.get("active", True) and e.get("trainable", False)]
     if _peft_config(rack):
         activate_adapters(rack, active, trainable=trainable)
-    if replace:
-        rack._merged_adapters = [
-            {k: v for k, v in e.items() if k != "folder"} for e in manifest["adapters"] if e["merged"]
-        ]
-    loaded = [e["name"] for e in entries]
-    logger.info("Loaded adapters %s from %s", loaded, path)
-    return loaded
 
 
 def _parse_manifest(manifest_file: str) -> dict:
+    manifest = read_json(manifest_file, "adapter manifest")
     try:
-        with open(manifest_file, encoding="utf-8") as f:
-            manifest = json.load(f)
         version, entries = manifest["format_version"], manifest["adapters"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+    except (KeyError, TypeError) as err:
         raise CorruptFileError(f"{manifest_file}: not a valid adapter manifest ({err!r}).") from err
     for entry in entries:
-        if not isinstance(entry, dict) or any(key not in entry for key in _MANIFEST_KEYS):
+        if not isinstance(entry, dict) or any(key not in entry for key in ADAPTER_ENTRY_KEYS):
             raise CorruptFileError(
-                f"{manifest_file}: every adapter entry needs keys {list(_MANIFEST_KEYS)}; got {entry!r}."
+                f"{manifest_file}: every adapter entry needs keys {list(ADAPTER_ENTRY_KEYS)}; got {entry!r}."
             )
-    if version != FORMAT_VERSION:
+    if version != ADAPTER_FORMAT_VERSION:
         raise ValueError(
-            f"{manifest_file}: format_version {version!r} is not supported (this library reads {FORMAT_VERSION})."
+            f"{manifest_file}: format_version {version!r} is not supported (this library reads {ADAPTER_FORMAT_VERSION})."
         )
     return manifest
 
@@ -264,7 +255,7 @@ def _read_adapter(rack, resolve, entry: dict, manifest_file: str) -> tuple[LoraC
         )
     folder = f"{ADAPTERS_DIR}/{entry['folder']}"
     try:
-        config_file, weights_file = resolve(f"{folder}/{CONFIG_FILE}"), resolve(f"{folder}/{WEIGHTS_FILE}")
+        config_file, weights_file = resolve(f"{folder}/{ADAPTER_CONFIG_FILE}"), resolve(f"{folder}/{ADAPTER_WEIGHTS_FILE}")
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"{manifest_file} lists adapter {name!r} in folder '{folder}', which is missing or incomplete: {err}"
@@ -274,7 +265,7 @@ def _read_adapter(rack, resolve, entry: dict, manifest_file: str) -> tuple[LoraC
         raise ValueError(f"{config_file}: adapter {name!r} is a {type(config).__name__}; only LoRA adapters load here.")
     # Saved in inference mode (as peft saves); here activity and trainability come from the manifest.
     config.inference_mode = False
-    weights = {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in serialization.load_tensors(weights_file).items()}
+    weights = {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in load_tensors(weights_file).items()}
     return config, weights
 
 

@@ -6,8 +6,8 @@ adjusts without retraining its base weights. The rack stays the object users hol
 injected with peft's integration API (`peft.functional`), which leaves `rack.peft_config` (adapter
 name -> `LoraConfig`) on the rack and `LoraLayer`s in place of the targeted `nn.Linear`s.
 
-Saving and loading, in peft's own format plus a manifest, are `adapter_files`'s; `save_adapters`,
-`load_adapters`, `manifest_exists` and `MANIFEST_PATH` are re-exported here.
+Saving and loading, in peft's own format plus a manifest, are `adapter_files`'s (`save_adapters`,
+`load_adapters`), as part of the rack's files.
 
 What the rack records about an adapter (its stacks, projections, rank and alpha per stack) is read
 back from the adapted modules themselves, so it stays true after growth moves stacks around.
@@ -37,23 +37,26 @@ from peft.functional import (
 )
 from peft.tuners.lora import LoraLayer
 
-from . import serialization
 from .errors import ShapeMismatchError
+from .layout import (
+    ATTENTION_PROJECTIONS,
+    MLP_PROJECTIONS,
+    PROJECTIONS,
+    STACK_ADAPTER,
+    TRUNK,
+    stack_adapter_name,
+)
+from .quantization import quantized_stacks
+from .stacks import check_stack_indices, is_adapter_key
 
 logger = logging.getLogger(__name__)
 
-TRUNK = "trunk"
-
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 TARGET_PRESETS = {"attention": ATTENTION_PROJECTIONS, "mlp": MLP_PROJECTIONS, "all-linear": PROJECTIONS}
 STRATEGIES = ("constant", "increasing", "decreasing", "list")
 # Initialisations that leave the base weights untouched and need no data (PiSSA, OLoRA, LoftQ, EVA
 # and CorDA rewrite base weights or need calibration data, which a frozen trunk must not see).
 INIT_LORA_WEIGHTS = (True, False, "gaussian")
 
-_STACK_ADAPTER = re.compile(r"^stack_(\d+)$")
 # An adapter parameter's name: `...q_proj.lora_A.stack_0.weight` -> `stack_0`.
 _ADAPTER_PARAM = re.compile(r"(?:^|\.)lora_[A-Za-z_]+\.([^.]+)(?:\.|$)")
 # Warnings peft gives for what this module does on purpose: several adapters on one model (the
@@ -314,10 +317,8 @@ def add_stack_adapter(rack, stack_idx: int, settings: AdapterSettings | dict | N
     ['2']
     ```
     """
-    from .growth import check_stack_indices
-
     (stack_idx,) = check_stack_indices(rack, stack_idx)
-    name = f"stack_{stack_idx}"
+    name = stack_adapter_name(stack_idx)
     _check_new_name(rack, name)
     config = _settings(settings, overrides).lora_config([stack_idx])
     _add(rack, name, config)
@@ -341,8 +342,6 @@ def add_trunk_adapter(
             is usually lighter (smaller `r`, `target="attention"`).
         overrides: fields of `AdapterSettings` to change.
     """
-    from .growth import check_stack_indices
-
     stacks = sorted(set(check_stack_indices(rack, list(stack_indices))))
     if not stacks:
         raise ValueError("`stack_indices` is empty; name the stacks the trunk adapter covers.")
@@ -399,7 +398,7 @@ def add_adapters_like(rack, reference) -> list[str]:
 @contextlib.contextmanager
 def _base_requires_grad_kept(rack):
     """Restores every base (non-adapter) weight's `requires_grad` on leaving the block."""
-    flags = [(p, p.requires_grad) for n, p in rack.named_parameters() if not serialization.is_adapter_key(n)]
+    flags = [(p, p.requires_grad) for n, p in rack.named_parameters() if not is_adapter_key(n)]
     try:
         yield
     finally:
@@ -425,7 +424,7 @@ def _peft_config(rack) -> dict[str, PeftConfig]:
 
 
 def _name_order(name: str):
-    match = _STACK_ADAPTER.match(name)
+    match = STACK_ADAPTER.match(name)
     return (0, int(match[1]), "") if match else (1 if name == TRUNK else 2, 0, name)
 
 
@@ -501,7 +500,7 @@ def freeze_base_weights(rack) -> int:
     """
     count = 0
     for name, param in rack.named_parameters():
-        if not serialization.is_adapter_key(name):
+        if not is_adapter_key(name):
             param.requires_grad_(False)
             count += param.numel()
     return count
@@ -608,8 +607,6 @@ def merge_stack_adapter(rack, name: str) -> dict:
         The merge record: `describe_adapter`'s dict with `merged=True`.
     """
     record = {**describe_adapter(rack, name), "merged": True}
-    from .quantization import quantized_stacks
-
     if quantized := sorted(set(record["stacks"]) & set(quantized_stacks(rack))):
         raise ValueError(f"adapter {name!r} covers quantized stack(s) {quantized}: merging into 8/4-bit weights is "
                          "not supported; keep the adapter (it is saved with the rack) or merge before quantizing.")
@@ -686,11 +683,11 @@ def shift_adapter_stacks(rack, offset: int = 1) -> dict[str, str]:
     """
     if isinstance(offset, bool) or not isinstance(offset, int) or offset == 0:
         raise ValueError(f"`offset` must be a non-zero integer; got {offset!r}.")
-    renames = {n: _shifted_name(n, offset) for n in adapter_names(rack) if _STACK_ADAPTER.match(n)}
+    renames = {n: _shifted_name(n, offset) for n in adapter_names(rack) if STACK_ADAPTER.match(n)}
     active = [renames.get(n, n) for n in active_adapters(rack)]
     trainable = [renames.get(n, n) for n in trainable_adapters(rack)]
     # Work away from the direction of travel so a new name is always free when it is taken.
-    order = sorted(renames, key=lambda n: int(_STACK_ADAPTER.match(n)[1]), reverse=offset > 0)
+    order = sorted(renames, key=lambda n: int(STACK_ADAPTER.match(n)[1]), reverse=offset > 0)
     with _base_requires_grad_kept(rack):
         for old in order:
             _rename(rack, old, renames[old])
@@ -709,14 +706,14 @@ def shift_adapter_stacks(rack, offset: int = 1) -> dict[str, str]:
 
 
 def _shifted_name(name: str, offset: int) -> str:
-    match = _STACK_ADAPTER.match(name)
-    return f"stack_{int(match[1]) + offset}" if match else name
+    match = STACK_ADAPTER.match(name)
+    return stack_adapter_name(int(match[1]) + offset) if match else name
 
 
 def _rename(rack, old: str, new: str) -> None:
     """peft has no rename: copy the adapter's weights, delete it, inject it under the new name, reload."""
     described = describe_adapter(rack, old)
-    if described["stacks"] != [int(_STACK_ADAPTER.match(new)[1])]:
+    if described["stacks"] != [int(STACK_ADAPTER.match(new)[1])]:
         raise ValueError(
             f"adapter {old!r} sits in stack(s) {described['stacks']}, not where {new!r} belongs: "
             "shift_adapter_stacks runs after the stacks have moved."
@@ -728,18 +725,3 @@ def _rename(rack, old: str, new: str) -> None:
         delete_adapter(rack, old, prefix="lora_")
     del rack.peft_config[old]
     _inject(rack, new, config, weights)
-
-
-# Saving and loading (adapter_files) -----------------------------------------------------------------
-
-# `adapter_files` builds on this module, so these are re-exported on first use (PEP 562): either
-# module can then be imported first without a circular import.
-_FILE_API = ("MANIFEST_PATH", "load_adapters", "manifest_exists", "save_adapters")
-
-
-def __getattr__(name: str):
-    if name in _FILE_API:
-        from . import adapter_files
-
-        return getattr(adapter_files, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

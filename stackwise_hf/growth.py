@@ -1,4 +1,5 @@
-"""Rack surgery: grow a rack by a stack (append or prepend), freeze and unfreeze stacks, cast a stack.
+"""Rack surgery: grow a rack by a stack (append or prepend), freeze and unfreeze stacks, cast a stack,
+reshape the stack list to a saved layout.
 
 Every function keeps `rack.config` in step with the modules, so that `save_pretrained` /
 `from_pretrained` round-trip a grown rack.
@@ -9,9 +10,16 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers.utils import is_peft_available
 
 from .configuration_stackwise import canonical_dtype
+from .stacks import check_stack_indices, is_adapter_key, renumber_layers, strip_adapter_keys
+
+try:  # optional: needs peft, and is not shipped with trust_remote_code (layout.REMOTE_CODE_FILES)
+    from . import adapters
+except ImportError:
+    if __package__ == "stackwise_hf":  # installed, peft is a dependency: a real error
+        raise
+    adapters = None
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +75,8 @@ def grow(rack, n_blocks: int, position: str = "append", init: str = "random", dt
     rack.config.stack_sizes.insert(index, n_blocks)
     rack.config.stack_dtypes.insert(index, dtype_name)
     renumber_layers(rack)
-    if position == "prepend" and is_peft_available() and (
-        getattr(rack, "peft_config", None) or getattr(rack, "_merged_adapters", None)
-    ):
-        # Live adapters and merge records both name stacks by index. Not `from .adapters import ...`:
-        # transformers would then ship adapters.py (which needs peft) with code pushed to the Hub.
-        from . import adapters
-
+    if position == "prepend" and (getattr(rack, "peft_config", None) or getattr(rack, "_merged_adapters", None)):
+        # Live adapters and merge records both name stacks by index.
         adapters.shift_adapter_stacks(rack, offset=1)
     logger.info(
         "%s stack %d: %d blocks, init=%s, dtype=%s; the rack now has %d stacks (%d blocks).",
@@ -94,33 +97,7 @@ def _copy_blocks(new_stack, neighbour, from_end: bool) -> None:
 
 def _base_state_dict(module) -> dict[str, torch.Tensor]:
     """A module's own weights without adapter tensors, under the names of an un-adapted module."""
-    from .serialization import strip_adapter_keys
-
     return {k: v.detach().clone() for k, v in strip_adapter_keys(module.state_dict()).items()}
-
-
-def renumber_layers(rack) -> None:
-    """Gives every attention layer its global block index (its KV-cache slot) after a growth event."""
-    layer_idx = 0
-    for stack in rack.base_model.stacks:
-        for block in stack.blocks:
-            block.self_attn.layer_idx = layer_idx
-            layer_idx += 1
-
-
-def check_stack_indices(rack, indices) -> list[int]:
-    """Normalises `indices` (None = all, an int, or an iterable; negatives count from the end)."""
-    n = len(rack.base_model.stacks)
-    if indices is None:
-        return list(range(n))
-    if isinstance(indices, int):
-        indices = [indices]
-    out = []
-    for i in indices:
-        if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
-            raise IndexError(f"stack index {i!r} does not exist; the rack has {n} stacks (valid: 0..{n - 1}).")
-        out.append(i % n)
-    return out
 
 
 def set_stacks_trainable(rack, indices, trainable: bool) -> list[int]:
@@ -129,8 +106,6 @@ def set_stacks_trainable(rack, indices, trainable: bool) -> list[int]:
     Freezing also freezes any adapter weights inside those stacks; unfreezing leaves adapter weights
     alone (which adapters train is decided in `stackwise_hf.adapters`).
     """
-    from .serialization import is_adapter_key
-
     indices = check_stack_indices(rack, indices)
     for i in indices:
         for name, param in rack.base_model.stacks[i].named_parameters():
@@ -141,8 +116,6 @@ def set_stacks_trainable(rack, indices, trainable: bool) -> list[int]:
 
 def cast_stack(rack, stack_idx: int, dtype) -> None:
     """Casts stack `stack_idx`'s base weights to `dtype` (adapter weights keep their own dtype)."""
-    from .serialization import is_adapter_key
-
     (stack_idx,) = check_stack_indices(rack, stack_idx)
     name = canonical_dtype(dtype, "dtype")
     target = getattr(torch, name)
@@ -152,3 +125,16 @@ def cast_stack(rack, stack_idx: int, dtype) -> None:
                 param.data = param.data.to(target)
     rack.config.stack_dtypes[stack_idx] = name
 
+
+def reshape_stacks(rack, stack_sizes: list[int]) -> None:
+    """Rebuilds the rack's stack list to `stack_sizes`: fresh float32 stacks, adapters removed (a
+    reader loads the saved weights, dtypes and adapters next)."""
+    body = rack.base_model
+    stack_cls = type(body.stacks[0])
+    device = body.embed_tokens.weight.device
+    if getattr(rack, "peft_config", None):
+        adapters.remove_all_adapters(rack)
+    body.stacks = torch.nn.ModuleList(stack_cls(rack.config, n).to(device) for n in stack_sizes)
+    rack.config.stack_sizes = list(stack_sizes)
+    rack.config.stack_dtypes = ["float32"] * len(stack_sizes)
+    renumber_layers(rack)

@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from .configuration_stackwise import StackWiseConfig
 from .modeling_stackwise import StackWiseForCausalLM
-from .serialization import is_adapter_key, rack_state_dict
+from .stacks import is_adapter_key, rack_state_dict
 
 logger = logging.getLogger(__name__)
 

@@ -15,14 +15,14 @@ own quantized LoRA layers. Two backends:
 `backend="auto"` picks torchao for 8 bits and bitsandbytes for 4 bits. A missing backend raises
 `ImportError` naming the install command.
 
-On disk a quantized stack is stored twice over: dequantized, in its stack dtype, in the rack's usual
-per-stack shards (so the directory stays a standard checkpoint that loads without any backend), and
-as its exact integers and scales in `quantized-stack{i:03d}.safetensors`; `quantization.json` records
-which stacks are quantized, how, and where their codes are. `load_quantized_rack` loads the weights,
-quantizes the stacks again and then writes the saved codes into the quantized layers: re-quantizing
-dequantized values is close but not exact (torchao's scales round), and the saved codes make the
-reloaded rack compute bit for bit what the saved one did (tested for torchao int8, bitsandbytes NF4
-and int8). The price is disk: a quantized stack takes its stack dtype's bytes plus its quantized bytes.
+This module computes; the files are `rack_files`'s. On disk a quantized stack is stored twice over:
+dequantized, in its stack dtype, in the rack's usual per-stack shards (`quantized_state_dict`; so the
+directory stays a standard checkpoint that loads without any backend), and as its exact integers and
+scales (`stack_codes`). Loading quantizes the stacks again and then writes the saved codes back
+(`restore_stack_codes`): re-quantizing dequantized values is close but not exact (torchao's scales
+round), and the saved codes make the reloaded rack compute bit for bit what the saved one did (tested
+for torchao int8, bitsandbytes NF4 and int8). The price is disk: a quantized stack takes its stack
+dtype's bytes plus its quantized bytes.
 
 Trunk placement: in cache mode the trunk only runs to extend the activation cache. `offload_stacks`
 keeps stacks in host memory and `stream_stacks` brings them to the accelerator one at a time.
@@ -31,20 +31,20 @@ keeps stacks in host memory and `stream_stacks` brings them to the accelerator o
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
-import json
 import logging
-import os
 
 import torch
 from torch import nn
+
+from .layout import PROJECTIONS
+from .stacks import check_stack_indices, drop_tied, is_adapter_key, strip_adapter_keys
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torchao", "bitsandbytes")
 SCHEMES = {"int8": 8, "nf4": 4}
-MANIFEST_NAME = "quantization.json"
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _INSTALL = {"torchao": "pip install torchao  (or: pip install 'stackwise_hf[quantization]')",
             "bitsandbytes": "pip install bitsandbytes  (or: pip install 'stackwise_hf[quantization-bnb]')"}
 
@@ -101,12 +101,12 @@ def _projection_layers(stack: nn.Module):
 def _quantize_linear(linear: nn.Linear, bits: int, backend: str, compute_dtype: torch.dtype) -> nn.Module:
     device = linear.weight.device
     if backend == "torchao":
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_  # optional backend
 
         linear.weight.requires_grad_(False)
         quantize_(linear, Int8WeightOnlyConfig())
         return linear
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # optional backend
 
     weight = linear.weight.detach()
     if bits == 8:
@@ -128,7 +128,7 @@ def _dequantize_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     weight = layer.weight
     if type(weight).__module__.startswith("torchao"):
         return weight.dequantize().to(dtype)
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # optional backend: the weight is one of its types
 
     if isinstance(weight, bnb.nn.Params4bit):
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
@@ -143,7 +143,7 @@ def _codes(layer: nn.Module) -> dict[str, torch.Tensor]:
     weight = layer.weight
     if type(weight).__module__.startswith("torchao"):
         return {"qdata": weight.qdata, "scale": weight.scale}
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # optional backend: the weight is one of its types
 
     if isinstance(weight, bnb.nn.Params4bit):
         state = weight.quant_state
@@ -166,8 +166,37 @@ def _restore_codes(layer: nn.Module, codes: dict[str, torch.Tensor], where: str)
             current[name].copy_(tensor.to(current[name].device, current[name].dtype))
 
 
-def _codes_file(stack_idx: int) -> str:
-    return f"quantized-stack{stack_idx:03d}.safetensors"
+def stack_codes(rack, stack_idx: int) -> dict[str, torch.Tensor]:
+    """The exact quantized form of stack `stack_idx`'s projections: `{"<module>.<part>": tensor}`,
+    keys within the stack (`blocks.0.mlp.up_proj.qdata`), on the CPU."""
+    codes = {}
+    for name, module in rack.base_model.stacks[stack_idx].named_modules():
+        if name.rsplit(".", 1)[-1] in PROJECTIONS:
+            layer = getattr(module, "base_layer", module)
+            codes.update({f"{name}.{k}": v.detach().contiguous().cpu() for k, v in _codes(layer).items()})
+    return codes
+
+
+def restore_stack_codes(rack, stack_idx: int, codes: dict[str, torch.Tensor], where: str) -> None:
+    """Writes `stack_codes` output back into an already quantized stack; ValueError naming `where`
+    and the module when the codes do not fit."""
+    for name, module in rack.base_model.stacks[stack_idx].named_modules():
+        if name.rsplit(".", 1)[-1] in PROJECTIONS:
+            layer = getattr(module, "base_layer", module)
+            prefix = f"{name}."
+            _restore_codes(layer, {k[len(prefix):]: v for k, v in codes.items() if k.startswith(prefix)},
+                           f"{where}: {name}")
+
+
+def check_record(record) -> str | None:
+    """None when `record` describes a quantization this module can redo, else what is wrong with it."""
+    if not isinstance(record, dict):
+        return f"expected a mapping, got {type(record).__name__}"
+    if record.get("bits") not in (4, 8) or isinstance(record.get("bits"), bool):
+        return f"`bits` must be 8 or 4, got {record.get('bits')!r}"
+    if record.get("backend") not in BACKENDS[1:]:
+        return f"`backend` must be one of {list(BACKENDS[1:])}, got {record.get('backend')!r}"
+    return None
 
 
 # Quantizing a rack's stacks ---------------------------------------------------------------------------
@@ -208,8 +237,6 @@ def quantize_stacks(rack, indices, bits: int = 8, backend: str = "auto") -> dict
     {0: {'bits': 8, 'backend': 'torchao', 'scheme': 'int8'}}
     ```
     """
-    from .growth import check_stack_indices
-
     backend = resolve_backend(bits, backend)
     record = quantized_stacks(rack)
     for i in check_stack_indices(rack, indices):
@@ -221,7 +248,7 @@ def quantize_stacks(rack, indices, bits: int = 8, backend: str = "auto") -> dict
             if new is not linear:
                 setattr(parent, attr, new)
         for name, param in stack.named_parameters():
-            if ".lora_" not in name and not name.startswith("lora_"):
+            if not is_adapter_key(name):
                 param.requires_grad_(False)
         record[i] = {"bits": bits, "backend": backend, "scheme": "nf4" if bits == 4 else "int8"}
         logger.info("Quantized stack %d to %s with %s", i, record[i]["scheme"], backend)
@@ -235,12 +262,8 @@ def quantize_stacks(rack, indices, bits: int = 8, backend: str = "auto") -> dict
 
 
 def quantized_state_dict(rack) -> dict[str, torch.Tensor]:
-    """`serialization.rack_state_dict`, with every quantized projection dequantized to its stack dtype."""
-    from .serialization import rack_state_dict, strip_adapter_keys
-
+    """`stacks.rack_state_dict`, with every quantized projection dequantized to its stack dtype."""
     record = quantized_stacks(rack)
-    if not record:
-        return rack_state_dict(rack)
     state = strip_adapter_keys(rack.state_dict())
     prefix_of_stacks = rack.base_model.stacks
     base_prefix = "model." if rack is not rack.base_model else ""
@@ -255,103 +278,7 @@ def quantized_state_dict(rack) -> dict[str, torch.Tensor]:
             for k in [k for k in state if k == f"{key}.weight" or k.startswith(f"{key}.")]:
                 del state[k]
             state[f"{key}.weight"] = _dequantize_weight(layer, stack.dtype).cpu()
-    if rack.config.tie_word_embeddings:
-        for target in getattr(rack, "_tied_weights_keys", None) or {}:
-            state.pop(target, None)
-    return state
-
-
-def save_quantized_rack(rack, path, max_shard_size="5GB") -> str:
-    """`rack.save_rack` for a rack with quantized stacks: weights dequantized (stack dtype, per-stack
-    shards), adapters in peft format, and `quantization.json` naming the quantized stacks."""
-    from transformers.utils import is_peft_available
-
-    rack.save_pretrained(path, state_dict=quantized_state_dict(rack), max_shard_size=max_shard_size)
-    if is_peft_available():
-        from .adapter_files import save_adapters
-
-        save_adapters(rack, path)
-    from safetensors.torch import save_file
-
-    record = quantized_stacks(rack)
-    for i in record:
-        codes = {}
-        for name, module in rack.base_model.stacks[i].named_modules():
-            if name.rsplit(".", 1)[-1] in PROJECTIONS:
-                layer = getattr(module, "base_layer", module)
-                codes.update({f"{name}.{k}": v.detach().contiguous().cpu() for k, v in _codes(layer).items()})
-        save_file(codes, os.path.join(path, _codes_file(i)))
-    manifest = {"format_version": 1, "stacks": {str(i): {**r, "codes": _codes_file(i)} for i, r in sorted(record.items())}}
-    with open(os.path.join(path, MANIFEST_NAME), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-    return os.fspath(path)
-
-
-def read_quantization_manifest(path, **hub_kwargs) -> dict[int, dict]:
-    """{stack: {"bits", "backend", "scheme", "codes"}} from a saved rack's `quantization.json` (a directory or a
-    Hub repo id; {} when absent); a malformed manifest raises `CorruptFileError` naming the file and field."""
-    from .errors import CorruptFileError
-    from .serialization import resolver_for
-
-    try:
-        file = resolver_for(path, **hub_kwargs)(MANIFEST_NAME)
-    except FileNotFoundError:
-        return {}
-    try:
-        with open(file, encoding="utf-8") as f:
-            stacks = json.load(f)["stacks"]
-        records = {int(k): dict(v) for k, v in stacks.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise CorruptFileError(f"{file}: not a quantization manifest ({type(err).__name__}: {err}).") from err
-    for i, record in records.items():
-        if record.get("bits") not in (4, 8) or record.get("backend") not in BACKENDS[1:] or not record.get("codes"):
-            raise CorruptFileError(f"{file}: stack {i} needs `bits` 8 or 4, `backend` in {list(BACKENDS[1:])} and a "
-                                   f"`codes` file; got {record}.")
-    return records
-
-
-def load_quantized_rack(rack, path, backend: str | None = None, **hub_kwargs) -> dict[int, dict]:
-    """Restores a rack saved with `save_quantized_rack` (a directory or a Hub repo id) in place: weights,
-    the saved stacks' quantization (re-applied with the saved backend, or `backend`), then adapters, which
-    then wrap the quantized layers.
-
-    The manifest, every codes file and every weight shard are read and checked before the rack changes,
-    so a missing or damaged file raises (naming it) with the rack as it was.
-    """
-    from transformers.utils import is_peft_available
-
-    from .serialization import load_tensors, resolver_for
-
-    resolve = resolver_for(path, **hub_kwargs)
-    records = read_quantization_manifest(path, **hub_kwargs)
-    for record in records.values():
-        resolve_backend(record["bits"], backend or record["backend"])  # a missing backend fails here
-    codes, files = {}, {}
-    for i, record in records.items():
-        try:
-            files[i] = resolve(record["codes"])
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"{err} (named by {MANIFEST_NAME} of {path})") from err
-        if (backend or record["backend"]) == record["backend"]:
-            codes[i] = load_tensors(files[i])
-    rack.load_rack_weights(path, **hub_kwargs)
-    for i, record in sorted(records.items()):
-        quantize_stacks(rack, [i], bits=record["bits"], backend=backend or record["backend"])
-        # Re-quantizing the dequantized weights is close, not exact: put back the saved integers and scales.
-        if i in codes:
-            for name, module in rack.base_model.stacks[i].named_modules():
-                if name.rsplit(".", 1)[-1] in PROJECTIONS:
-                    layer = getattr(module, "base_layer", module)
-                    prefix = f"{name}."
-                    _restore_codes(layer, {k[len(prefix):]: v for k, v in codes[i].items() if k.startswith(prefix)},
-                                   f"{files[i]}: {name}")
-    if is_peft_available():
-        from .adapter_files import load_adapters, manifest_exists
-
-        if manifest_exists(resolve):
-            load_adapters(rack, path, replace=True, **hub_kwargs)
-    return quantized_stacks(rack)
+    return drop_tied(rack, state)
 
 
 # Trunk placement ---------------------------------------------------------------------------------------
@@ -363,8 +290,6 @@ def offload_stacks(rack, indices, device="cpu") -> list[int]:
     In cache mode the frozen trunk does not run during a step, so the accelerator needs only the
     trained stacks, the head and the batch (`planner` accounts for it as `trunk_placement="host"`).
     """
-    from .growth import check_stack_indices
-
     indices = check_stack_indices(rack, indices)
     for i in indices:
         rack.base_model.stacks[i].to(device)
@@ -384,8 +309,6 @@ def stream_stacks(rack, indices, device, home="cpu"):
     ...         hidden = stack(hidden, **attention)
     ```
     """
-    from .growth import check_stack_indices
-
     indices = check_stack_indices(rack, list(indices))
 
     def generate():

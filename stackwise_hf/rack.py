@@ -1,25 +1,35 @@
 """The rack's public API beside `forward`: growth, freezing, introspection, per-stack save/load.
 
 `RackMixin` is mixed into `StackWisePreTrainedModel`, so every rack class (`StackWiseModel`,
-`StackWiseForCausalLM`, `StackWiseForMaskedLM`) carries it. The methods are thin: the work is in
-`growth.py` (surgery) and `serialization.py` (files). The names follow the original system's
+`StackWiseForCausalLM`, `StackWiseForMaskedLM`) carries it. The methods are thin doors: the work is in
+`growth.py` (surgery), `rack_files.py` (the one writer and reader of rack files), `resolver.py`
+(where files come from) and `hub.py` (pushing). The names follow the original system's
 `ProgressiveRackBuilder` (`append_stack`, `save_stack`, `get_rack_info`, ...), whose role the rack
 model plays here.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 
 import torch
-from transformers.dynamic_module_utils import custom_object_save
-from transformers.utils import is_peft_available
 
-from . import growth, serialization
-from .errors import ShapeMismatchError
+from .growth import cast_stack, grow, set_stacks_trainable
+from .hub import PushOptions, push_rack_to_hub
+from .hub import push_stack_to_hub as push_one_stack
+from .rack_files import (
+    check_rack_files,
+    read_rack,
+    read_rack_weights,
+    read_saved_adapters,
+    read_stack_into,
+    write_rack,
+    write_stack,
+)
+from .resolver import pretrained_source, resolver_for
 from .rack_compat import GuideRackMixin, dtype_or_precision, guide_precision
+from .stacks import adapters_in, check_stack_indices, is_adapter_key, rack_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -50,36 +60,36 @@ class RackMixin(GuideRackMixin):
             dtype / precision: the new stack's dtype ("float32", "bfloat16", "float16", or the
                 precision names "full", "half", "bf16"); defaults to the neighbouring stack's.
         """
-        return growth.grow(self, n_blocks, "append", init, dtype_or_precision(dtype, precision))
+        return grow(self, n_blocks, "append", init, dtype_or_precision(dtype, precision))
 
     def prepend_stack(self, n_blocks: int, init: str = "random", dtype=None, precision=None) -> int:
         """Adds a stack at the input end of the rack (right-to-left building); returns 0.
 
         Existing stacks shift up by one index, and so do the stack adapters named after them.
         """
-        return growth.grow(self, n_blocks, "prepend", init, dtype_or_precision(dtype, precision))
+        return grow(self, n_blocks, "prepend", init, dtype_or_precision(dtype, precision))
 
     def freeze_stacks(self, indices=None) -> list[int]:
         """Sets `requires_grad=False` on every weight of the given stacks (default: all)."""
-        return growth.set_stacks_trainable(self, indices, False)
+        return set_stacks_trainable(self, indices, False)
 
     def unfreeze_stacks(self, indices=None) -> list[int]:
         """Sets `requires_grad=True` on the base weights of the given stacks (default: all)."""
-        return growth.set_stacks_trainable(self, indices, True)
+        return set_stacks_trainable(self, indices, True)
 
     def cast_stack(self, stack_idx: int, dtype) -> None:
         """Casts one stack's base weights to `dtype` and records it in the config."""
-        growth.cast_stack(self, stack_idx, dtype)
+        cast_stack(self, stack_idx, dtype)
 
     # Introspection ------------------------------------------------------------------------------------
 
     def get_stack_info(self, stack_idx: int) -> dict:
         """Index, block count, parameter counts, dtype (and the guide's "precision" name: full/half/bfloat16),
         trainability and adapters of a stack."""
-        (stack_idx,) = growth.check_stack_indices(self, stack_idx)
+        (stack_idx,) = check_stack_indices(self, stack_idx)
         stack = self.base_model.stacks[stack_idx]
-        base = [(n, p) for n, p in stack.named_parameters() if not serialization.is_adapter_key(n)]
-        adapter = [p for n, p in stack.named_parameters() if serialization.is_adapter_key(n)]
+        base = [(n, p) for n, p in stack.named_parameters() if not is_adapter_key(n)]
+        adapter = [p for n, p in stack.named_parameters() if is_adapter_key(n)]
         dtype = self.config.stack_dtypes[stack_idx]
         return {
             "stack_idx": stack_idx,
@@ -91,7 +101,7 @@ class RackMixin(GuideRackMixin):
             "dtype": dtype,
             "precision": guide_precision(dtype),
             "trainable": any(p.requires_grad for _, p in base),
-            "adapters": sorted(_adapters_in(stack)),
+            "adapters": sorted(adapters_in(stack)),
             "gradient_checkpointing": bool(stack.gradient_checkpointing),
         }
 
@@ -104,7 +114,7 @@ class RackMixin(GuideRackMixin):
             "current_stacks": self.num_stacks,
             "stack_sizes": list(self.config.stack_sizes),
             "total_blocks": self.config.num_hidden_layers,
-            "total_parameters": sum(p.numel() for p in serialization.rack_state_dict(self).values()),
+            "total_parameters": sum(p.numel() for p in rack_state_dict(self).values()),
             "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad),
             "hidden_size": self.config.hidden_size,
             "vocab_size": self.config.vocab_size,
@@ -140,41 +150,16 @@ class RackMixin(GuideRackMixin):
             self.save_pretrained(save_directory, state_dict=state_dict, max_shard_size=max_shard_size)
             self.push_to_hub(repo_id, max_shard_size=max_shard_size, **kwargs)
             return None
-        os.makedirs(save_directory, exist_ok=True)
-        if getattr(self, "_auto_class", None) is not None:
-            custom_object_save(self, save_directory, config=self.config)
-        self.config.architectures = [type(self).__name__]
-        self.config.dtype = str(self.base_model.embed_tokens.weight.dtype).removeprefix("torch.")
-        self.config.save_pretrained(save_directory)
-        if self.can_generate():
-            self.generation_config.save_pretrained(save_directory)
-        if state_dict is None:
-            quantization = _quantization_module()  # quantized stacks are written dequantized, in their dtype
-            state_dict = serialization.rack_state_dict(self) if quantization is None else quantization.quantized_state_dict(self)
-        weights = state_dict
-        serialization.save_weights(
-            weights, save_directory, max_shard_size, stack_meta=self._stack_meta(), total_parameters=self.num_parameters()
-        )
-        logger.info("Saved a %d-stack rack to %s", self.num_stacks, save_directory)
+        write_rack(self, save_directory, max_shard_size=max_shard_size, state_dict=state_dict, complete=False)
         return None
-
-    def _stack_meta(self) -> dict[int, dict]:
-        return {
-            i: {"num_blocks": n, "dtype": d}
-            for i, (n, d) in enumerate(zip(self.config.stack_sizes, self.config.stack_dtypes))
-        }
 
     def save_stack(self, stack_idx: int, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> str:
         """Writes one stack's weights (sharded safetensors and an index of them) to directory `path`.
 
         Returns the directory. `load_stack` reads it back into any rack whose stack has the same shape.
         """
-        (stack_idx,) = growth.check_stack_indices(self, stack_idx)
-        weights = {k: v for k, v in serialization.rack_state_dict(self).items() if serialization.stack_of(k) == stack_idx}
-        meta = {stack_idx: self._stack_meta()[stack_idx] | {"hidden_size": self.config.hidden_size}}
-        serialization.save_weights(weights, path, max_shard_size, stack_meta=meta)
-        logger.info("Saved stack %d (%d blocks) to %s", stack_idx, len(self.base_model.stacks[stack_idx].blocks), path)
-        return os.fspath(path)
+        (stack_idx,) = check_stack_indices(self, stack_idx)
+        return write_stack(self, stack_idx, path, max_shard_size)
 
     # Loading ------------------------------------------------------------------------------------------
 
@@ -191,16 +176,8 @@ class RackMixin(GuideRackMixin):
         The stack takes on the saved dtype. Nothing is changed unless every tensor is present and
         fits; errors name the file or tensor at fault. Returns True.
         """
-        (stack_idx,) = growth.check_stack_indices(self, stack_idx)
-        resolve = serialization.resolver_for(path, **hub_kwargs)
-        index = serialization.read_index(resolve)
-        if source_stack is None and len(index["metadata"]["stacks"]) > 1:
-            source_stack = stack_idx
-        source_stack, tensors = serialization.read_stack(resolve, source_stack, index)
-        stack = self.base_model.stacks[stack_idx]
-        serialization.check_stack_fits(stack, tensors, f"stack {source_stack} of {path}")
-        serialization.copy_into_stack(stack, tensors)
-        self.config.stack_dtypes[stack_idx] = str(stack.dtype).removeprefix("torch.")
+        (stack_idx,) = check_stack_indices(self, stack_idx)
+        source_stack = read_stack_into(self, stack_idx, resolver_for(path, **hub_kwargs), path, source_stack)
         logger.info("Loaded stack %d of %s into stack %d", source_stack, path, stack_idx)
         return True
 
@@ -210,63 +187,19 @@ class RackMixin(GuideRackMixin):
         The rack is first reshaped to the saved stack layout (stacks added or removed) when the
         saved config differs from it only there; any other architecture difference raises.
         """
-        resolve = serialization.resolver_for(path, **hub_kwargs)
-        saved = type(self.config).from_json_file(resolve("config.json"))
-        _check_same_architecture(self.config, saved, path)
-        index = serialization.read_index(resolve)
-        serialization.check_files(resolve, index["weight_map"].values())
-        by_file: dict[str, list[str]] = {}
-        for key, filename in index["weight_map"].items():
-            by_file.setdefault(filename, []).append(key)
-        tensors = {}
-        for filename, keys in by_file.items():
-            tensors.update(serialization.load_tensors(resolve(filename), keys))
-        # Check against a weightless rack of the saved layout, so a misfit raises before any change.
-        with torch.device("meta"):
-            skeleton = type(self)(saved)
-        _check_state_dict_fits(serialization.rack_state_dict(skeleton), tensors, path)
-        if self.config.stack_sizes != saved.stack_sizes:
-            _reshape_stacks(self, saved.stack_sizes)
-        _copy_state_dict(self, tensors)
-        self.config.stack_dtypes = [str(s.dtype).removeprefix("torch.") for s in self.base_model.stacks]
+        read_rack_weights(self, resolver_for(path, **hub_kwargs), path)
         return True
 
     def save_rack(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> str:
         """Saves the complete rack: weights (`save_pretrained` layout) plus every adapter in peft format
-        under `adapters/<name>/` with a manifest. A rack with quantized stacks also writes their exact
-        codes and `quantization.json` (`quantization.save_quantized_rack`). Returns the directory."""
-        quantization = _quantization_module()
-        if quantization is not None:
-            if quantization.quantized_stacks(self):
-                return quantization.save_quantized_rack(self, path, max_shard_size=max_shard_size)
-            stale = os.path.join(path, quantization.MANIFEST_NAME)
-            if os.path.isfile(stale):  # the directory held a quantized rack before: this one is not
-                os.remove(stale)
-        self.save_pretrained(path, max_shard_size=max_shard_size)
-        # Also without live adapters: the manifest then records merges, or a stale one is removed.
-        adapters = _adapters_module()
-        if adapters is not None:
-            adapters.save_adapters(self, path)
-        elif getattr(self, "peft_config", None):
-            logger.warning("%s: the rack's adapters were not saved (stackwise_hf.adapters cannot be imported here).", path)
-        return os.fspath(path)
+        under `adapters/<name>/` with a manifest, and for quantized stacks their exact codes and
+        `quantization.json`. Returns the directory."""
+        return write_rack(self, path, max_shard_size=max_shard_size)
 
     def load_rack(self, path: str | os.PathLike, **hub_kwargs) -> bool:
         """Restores a rack saved with `save_rack` in place: weights, stack layout, dtypes and adapters,
         and its quantized stacks (`quantization.json`), quantized again to the saved codes."""
-        quantization = _quantization_module()
-        if quantization is not None:
-            if quantization.quantized_stacks(self):
-                raise ValueError(f"{path}: load into a rack without quantized stacks (this one has "
-                                 f"{sorted(quantization.quantized_stacks(self))}); their weights cannot be overwritten.")
-            if quantization.read_quantization_manifest(path, **hub_kwargs):
-                quantization.load_quantized_rack(self, path, **hub_kwargs)
-                return True
-        self.load_rack_weights(path, **hub_kwargs)
-        resolve = serialization.resolver_for(path, **hub_kwargs)
-        adapters = _adapters_module()
-        if adapters is not None and (adapters.manifest_exists(resolve) or getattr(self, "peft_config", None)):
-            adapters.load_adapters(self, path, replace=True, **hub_kwargs)
+        read_rack(self, path, **hub_kwargs)
         return True
 
     @classmethod
@@ -275,26 +208,16 @@ class RackMixin(GuideRackMixin):
         every shard is checked first (complete, and for a repo also hashed against the id the Hub stored
         it under), so a damaged rack fails with the file's name before any loading; each stack is put
         back in its saved dtype; and the rack's adapters are loaded when it has an adapter manifest."""
-        from .hub import ADAPTER_MANIFEST, has_file, pretrained_source
-
-        resolve, adapter_path, hub_kwargs = pretrained_source(pretrained_model_name_or_path, kwargs)
-        if resolve is not None and has_file(resolve, serialization.INDEX_NAME):
-            serialization.check_files(resolve, serialization.read_index(resolve)["weight_map"].values())
+        resolve, adapter_path, _ = pretrained_source(pretrained_model_name_or_path, kwargs)
+        if resolve is not None:
+            check_rack_files(resolve)
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         if kwargs.get("dtype") in (None, "auto"):
             for i, dtype in enumerate(model.config.stack_dtypes):
                 if model.base_model.stacks[i].dtype != getattr(torch, dtype):
-                    growth.cast_stack(model, i, dtype)
-        if resolve is not None and has_file(resolve, ADAPTER_MANIFEST):
-            adapters = _adapters_module()
-            if adapters is None:
-                logger.warning(
-                    "%s has adapters (%s), which need stackwise_hf and peft to load; loaded without them. Plain peft "
-                    "loads one: PeftModel.from_pretrained(model, path, subfolder='adapters/<name>').",
-                    pretrained_model_name_or_path, ADAPTER_MANIFEST,
-                )
-            else:
-                adapters.load_adapters(model, adapter_path, replace=True, **hub_kwargs)
+                    cast_stack(model, i, dtype)
+        if resolve is not None:
+            read_saved_adapters(model, resolve, adapter_path)
         return model
 
     # The Hub ------------------------------------------------------------------------------------------
@@ -302,18 +225,14 @@ class RackMixin(GuideRackMixin):
     def push_to_hub(
         self,
         repo_id: str,
+        options: PushOptions | None = None,
         *,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
         max_shard_size: int | str = "5GB",
         tags: list[str] | None = None,
         tokenizer=None,
         training_run=None,
         loss_plot: str | os.PathLike | None = None,
+        **option_fields,
     ):
         """Pushes the whole rack to a Hub repo in one commit: config, per-stack shards and index, adapters
         in peft's layout, the tokenizer when given, the modeling code when the classes are registered
@@ -321,8 +240,10 @@ class RackMixin(GuideRackMixin):
         save no longer has are deleted in the same commit.
 
         Args:
-            repo_id, commit_message, commit_description, private, token, revision, create_pr,
-            max_shard_size, tags: as in transformers' `PushToHubMixin.push_to_hub`.
+            repo_id, max_shard_size, tags: as in transformers' `PushToHubMixin.push_to_hub`.
+            options (`PushOptions`, *optional*): commit settings; its fields are also taken as
+                keywords (`commit_message`, `commit_description`, `private`, `token`, `revision`,
+                `create_pr`, as in transformers' `push_to_hub`) and override `options`.
             tokenizer (*optional*): saved beside the rack.
             training_run (*optional*): the training output directory (`log.jsonl`, `loss.png`) or its log
                 records: fills tokens trained and eval loss per stack in the card, and shows the plot.
@@ -338,116 +259,19 @@ class RackMixin(GuideRackMixin):
         >>> StackWiseForCausalLM.from_pretrained("me/tiny-rack")  # doctest: +SKIP
         ```
         """
-        from .hub import push_rack_to_hub
+        return push_rack_to_hub(self, repo_id, options, max_shard_size=max_shard_size, tokenizer=tokenizer,
+                                    tags=tags, training_run=training_run, loss_plot=loss_plot, **option_fields)
 
-        return push_rack_to_hub(
-            self, repo_id, max_shard_size=max_shard_size, tokenizer=tokenizer, commit_message=commit_message,
-            commit_description=commit_description, private=private, token=token, revision=revision,
-            create_pr=create_pr, tags=tags, training_run=training_run, loss_plot=loss_plot,
-        )
-
-    def push_stack_to_hub(
-        self,
-        stack_idx: int,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        max_shard_size: int | str = "5GB",
-        training_run=None,
-    ):
+    def push_stack_to_hub(self, stack_idx: int, repo_id: str, options: PushOptions | None = None, *,
+                          max_shard_size: int | str = "5GB", training_run=None, **option_fields):
         """Pushes stack `stack_idx` into a rack repo in one commit: its shards, the index (that stack's
         entries replaced), the config when the stack is new or its dtype changed, and its card row.
         The stack replaces the remote stack of that index (same block count) or, when the remote rack
         has exactly `stack_idx` stacks, is appended to it. Pull it with `load_stack(i, repo_id)`.
+        `options` / `option_fields`: commit settings, as for `push_to_hub`.
 
         Returns:
             huggingface_hub's `CommitInfo`.
         """
-        from .hub import push_stack_to_hub
-
-        return push_stack_to_hub(
-            self, stack_idx, repo_id, commit_message=commit_message, commit_description=commit_description,
-            token=token, revision=revision, create_pr=create_pr, max_shard_size=max_shard_size,
-            training_run=training_run,
-        )
-
-
-def _adapters_module():
-    """`stackwise_hf.adapters`, or None where it cannot be imported: without peft, or in the copy of
-    this code that `trust_remote_code=True` loads from a Hub repo (shipped without it, since it needs
-    peft). Imported as `from . import adapters`, which transformers' code copier does not follow."""
-    if not is_peft_available() or importlib.util.find_spec(f"{__package__}.adapters") is None:
-        return None
-    from . import adapters
-
-    return adapters
-
-
-def _quantization_module():
-    """`stackwise_hf.quantization`, or None in the `trust_remote_code` copy of this code (shipped without
-    it: a rack loaded that way has no quantized stacks). Imported as `_adapters_module` explains."""
-    if importlib.util.find_spec(f"{__package__}.quantization") is None:
-        return None
-    from . import quantization
-
-    return quantization
-
-
-def _adapters_in(stack) -> set[str]:
-    names: set[str] = set()
-    for module in stack.modules():
-        lora_a = getattr(module, "lora_A", None)
-        if isinstance(lora_a, torch.nn.ModuleDict):
-            names.update(lora_a.keys())
-    return names
-
-
-_ARCHITECTURE_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-    "head_dim", "attention_mode", "tie_word_embeddings",
-)
-
-
-def _check_same_architecture(config, saved, path) -> None:
-    for name in _ARCHITECTURE_FIELDS:
-        if getattr(config, name) != getattr(saved, name):
-            raise ShapeMismatchError(
-                f"{path}/config.json: `{name}` is {getattr(saved, name)!r}; this rack has {getattr(config, name)!r}."
-            )
-
-
-def _reshape_stacks(rack, stack_sizes: list[int]) -> None:
-    """Rebuilds the rack's stack list to `stack_sizes` (fresh stacks; weights are loaded next)."""
-    body = rack.base_model
-    stack_cls = type(body.stacks[0])
-    device = body.embed_tokens.weight.device
-    adapters = _adapters_module()
-    if adapters is not None and getattr(rack, "peft_config", None):
-        adapters.remove_all_adapters(rack)
-    body.stacks = torch.nn.ModuleList(stack_cls(rack.config, n).to(device) for n in stack_sizes)
-    rack.config.stack_sizes = list(stack_sizes)
-    rack.config.stack_dtypes = ["float32"] * len(stack_sizes)
-    growth.renumber_layers(rack)
-
-
-def _check_state_dict_fits(current: dict, saved: dict, path) -> None:
-    missing, unexpected = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
-    if missing or unexpected:
-        raise ShapeMismatchError(f"{path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}.")
-    for key, tensor in current.items():
-        if saved[key].shape != tensor.shape:
-            raise ShapeMismatchError(
-                f"{path}: tensor `{key}` has shape {tuple(saved[key].shape)}; the rack expects {tuple(tensor.shape)}."
-            )
-
-
-def _copy_state_dict(rack, tensors: dict) -> None:
-    params = {k.replace(".base_layer.", "."): p for k, p in rack.named_parameters(remove_duplicate=False)}
-    with torch.no_grad():
-        for key, tensor in tensors.items():
-            # Tied weights are one Parameter under two names: setting it once sets both.
-            params[key].data = tensor.to(device=params[key].device, copy=True)
+        return push_one_stack(self, stack_idx, repo_id, options, max_shard_size=max_shard_size,
+                                     training_run=training_run, **option_fields)

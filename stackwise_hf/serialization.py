@@ -1,11 +1,12 @@
-"""Per-stack sharded safetensors: the on-disk layout of a rack and of a single stack.
+"""The weights of a rack on disk: per-stack safetensors shards and their index, and the file primitives
+(atomic writes, checked reads) every part of the format uses.
 
 A rack directory is a standard transformers checkpoint (`config.json`, `model.safetensors.index.json`,
 shards) that `AutoModelForCausalLM.from_pretrained` reads, with one rule on top: a shard never mixes
-two stacks. The embeddings, final norm and head live in `model-rack[-0000k-of-0000n].safetensors`
-and stack `i` in `model-stack{i:03d}[-0000k-of-0000n].safetensors`, so one stack is read (or pulled
-from the Hub) without touching the others. The index's metadata lists each stack's files, block
-count and dtype. A stack directory (`save_stack`) holds one stack's shards and an index of them.
+two stacks (file names in `layout.py`), so one stack is read (or pulled from the Hub) without touching
+the others. The index's metadata lists each stack's files, block count and dtype. A stack directory
+(`save_stack`) holds one stack's shards and an index of them. `rack_files.py` puts the parts of a rack
+together; this module knows tensors and files, not racks.
 
 Sharding within a group is `huggingface_hub.split_torch_state_dict_into_shards`; what is written by
 hand is only the grouping, which neither transformers nor huggingface_hub offers.
@@ -16,9 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
@@ -26,57 +26,45 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import CorruptFileError, ShapeMismatchError
+from .layout import FORMAT_VERSION, INDEX_NAME, RACK_GROUP, SHARD_FILE, shard_pattern
+from .resolver import Resolver
+from .stacks import group_state_dict, is_adapter_key, key_within_stack, stack_of, strip_adapter_keys
 
 logger = logging.getLogger(__name__)
 
-INDEX_NAME = "model.safetensors.index.json"
-RACK_GROUP = "rack"
-_STACK_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?)stacks\.(?P<stack>\d+)\.(?P<rest>.+)$")
-_SHARD_FILE = re.compile(r"^model(?:-(?:rack|stack\d{3}))?(?:-\d{5}-of-\d{5})?\.safetensors$")
 
-# A resolver maps a file name inside a rack directory (or Hub repo) to a local path.
-Resolver = Callable[[str], str]
+# Files ---------------------------------------------------------------------------------------------
 
 
-# Keys ----------------------------------------------------------------------------------------------
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Writes a safetensors file under a temporary name and renames it into place."""
+    tmp = path + ".tmp"
+    # One metadata key only: safetensors writes metadata in hash-map order, so with two keys equal shards
+    # could differ byte-wise, and the Hub would take an unchanged stack for a new one and upload it again.
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)
 
 
-def is_adapter_key(name: str) -> bool:
-    """True for parameters peft adds (`lora_A`, `lora_B`, `lora_magnitude_vector`, ...)."""
-    return ".lora_" in name or name.startswith("lora_")
+def atomic_write_json(path: str, data, sort_keys: bool = False) -> None:
+    """Writes `data` as indented JSON under a temporary name and renames it into place."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json_text(data, sort_keys))
+    os.replace(tmp, path)
 
 
-def strip_adapter_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The base weights of a (possibly peft-adapted) state dict, under their un-adapted names."""
-    return {k.replace(".base_layer.", "."): v for k, v in state_dict.items() if not is_adapter_key(k)}
+def json_text(data, sort_keys: bool = False) -> str:
+    """The one JSON spelling of the format's documents (indented, newline-terminated)."""
+    return json.dumps(data, indent=2, sort_keys=sort_keys) + "\n"
 
 
-def stack_of(key: str) -> int | None:
-    """The stack index a rack state-dict key belongs to, or None for embeddings/norm/head."""
-    match = _STACK_KEY.match(key)
-    return int(match["stack"]) if match else None
-
-
-def rack_state_dict(rack) -> dict[str, torch.Tensor]:
-    """The rack's base weights, adapters stripped and tied weights stored once."""
-    state_dict = strip_adapter_keys(rack.state_dict())
-    if rack.config.tie_word_embeddings:
-        for target in getattr(rack, "_tied_weights_keys", None) or {}:
-            state_dict.pop(target, None)
-    return state_dict
-
-
-def group_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Splits a rack state dict into {"rack": ..., 0: ..., 1: ...} by stack."""
-    groups: dict = {}
-    for key, tensor in state_dict.items():
-        stack = stack_of(key)
-        groups.setdefault(RACK_GROUP if stack is None else stack, {})[key] = tensor
-    return groups
-
-
-def _group_label(group) -> str:
-    return RACK_GROUP if group == RACK_GROUP else f"stack{group:03d}"
+def read_json(path: str, what: str):
+    """The JSON document in `path`; CorruptFileError naming the file when it is not JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptFileError(f"{path}: not a valid {what} ({err}).") from err
 
 
 # Writing -------------------------------------------------------------------------------------------
@@ -99,23 +87,22 @@ def save_weights(
     stacks: dict[str, dict] = {}
     total_size = 0
     for group, tensors in sorted(group_state_dict(state_dict).items(), key=lambda kv: _sort_key(kv[0])):
-        split = split_torch_state_dict_into_shards(
-            tensors, filename_pattern=f"model-{_group_label(group)}{{suffix}}.safetensors", max_shard_size=max_shard_size
-        )
+        split = split_torch_state_dict_into_shards(tensors, filename_pattern=shard_pattern(group),
+                                                   max_shard_size=max_shard_size)
         for filename, names in split.filename_to_tensors.items():
             shard = {name: tensors[name].detach().contiguous().cpu() for name in names}
-            _atomic_save(shard, os.path.join(directory, filename), group)
+            atomic_save_tensors(shard, os.path.join(directory, filename))
             weight_map.update(dict.fromkeys(names, filename))
         total_size += split.metadata["total_size"]
         if group != RACK_GROUP:
             stacks[str(group)] = {"files": sorted(split.filename_to_tensors), **(stack_meta or {}).get(group, {})}
     index = {
-        "metadata": {"total_size": total_size, "stackwise_format": 1, "stacks": stacks},
+        "metadata": {"total_size": total_size, "stackwise_format": FORMAT_VERSION, "stacks": stacks},
         "weight_map": dict(sorted(weight_map.items())),
     }
     if total_parameters is not None:
         index["metadata"]["total_parameters"] = total_parameters
-    _atomic_write_text(os.path.join(directory, INDEX_NAME), json.dumps(index, indent=2) + "\n")
+    atomic_write_json(os.path.join(directory, INDEX_NAME), index)
     _remove_stale_shards(directory, set(weight_map.values()))
     return index
 
@@ -124,57 +111,13 @@ def _sort_key(group):
     return (-1, 0) if group == RACK_GROUP else (0, group)
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: str, group) -> None:
-    tmp = path + ".tmp"
-    # One metadata key only: safetensors writes metadata in hash-map order, so with two keys equal shards
-    # could differ byte-wise, and the Hub would take an unchanged stack for a new one and upload it again.
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _remove_stale_shards(directory, keep: set[str]) -> None:
     for name in os.listdir(directory):
-        if _SHARD_FILE.match(name) and name not in keep:
+        if SHARD_FILE.match(name) and name not in keep:
             os.remove(os.path.join(directory, name))
 
 
 # Reading -------------------------------------------------------------------------------------------
-
-
-def local_resolver(directory: str | os.PathLike) -> Resolver:
-    """A resolver for a local directory; raises FileNotFoundError naming the missing file."""
-
-    def resolve(filename: str) -> str:
-        path = os.path.join(directory, filename)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: file not found (named by {os.path.join(directory, INDEX_NAME)}).")
-        return path
-
-    return resolve
-
-
-def resolver_for(path: str | os.PathLike, **hub_kwargs) -> Resolver:
-    """A resolver for a local rack/stack directory, or for a Hub repo id (`revision`, `token`, ...)."""
-    path = os.fspath(path)
-    hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
-    if os.path.isdir(path):
-        if hub_kwargs:
-            raise ValueError(f"{path} is a local directory; Hub arguments {sorted(hub_kwargs)} do not apply.")
-        return local_resolver(path)
-    if os.path.exists(path):
-        raise NotADirectoryError(f"{path}: expected a rack or stack directory, found a file.")
-    if os.path.isabs(path) or path.startswith(".") or path.count("/") != 1:
-        raise FileNotFoundError(f"{path}: no such directory (and not a Hub repo id of the form 'namespace/name').")
-    from .hub import hub_resolver
-
-    return hub_resolver(path, **hub_kwargs)
 
 
 def read_index(resolve: Resolver) -> dict:
@@ -270,7 +213,7 @@ def read_stack(resolve: Resolver, source_stack: int | None, index: dict | None =
     tensors = {}
     for filename, keys in sorted(by_file.items()):
         for key, tensor in load_tensors(resolve(filename), keys).items():
-            tensors[_STACK_KEY.match(key)["rest"]] = tensor
+            tensors[key_within_stack(key)] = tensor
     return source_stack, tensors
 
 

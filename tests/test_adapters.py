@@ -12,8 +12,8 @@ from tiny import tiny_rack, tokens
 from transformers import LlamaForCausalLM
 
 from stackwise_hf import ShapeMismatchError, StackWiseModel
+from stackwise_hf.adapter_files import load_adapters, save_adapters
 from stackwise_hf.adapters import (
-    MANIFEST_PATH,
     PROJECTIONS,
     AdapterSettings,
     activate_adapters,
@@ -25,15 +25,14 @@ from stackwise_hf.adapters import (
     describe_adapter,
     format_adapter_report,
     freeze_base_weights,
-    load_adapters,
     merge_stack_adapter,
     merged_adapters,
     remove_all_adapters,
-    save_adapters,
     trainable_adapters,
 )
+from stackwise_hf.layout import ADAPTER_MANIFEST as MANIFEST_PATH
 from stackwise_hf.llama_interop import to_llama
-from stackwise_hf.serialization import is_adapter_key, rack_state_dict
+from stackwise_hf.stacks import is_adapter_key, rack_state_dict
 
 X = tokens()
 # Random (not zero) LoRA B matrices, so that every adapter changes the rack's function.

@@ -27,7 +27,8 @@ from stackwise_hf.hub import (
     resolve_checkpoint_location,
 )
 from stackwise_hf.model_card import render_card, rows_from_card, training_by_stack
-from stackwise_hf.serialization import INDEX_NAME, rack_state_dict
+from stackwise_hf.layout import INDEX_NAME, REMOTE_CODE_FILES
+from stackwise_hf.stacks import rack_state_dict
 from tiny import state_dicts_equal, tiny_rack, tokens
 
 X = tokens()
@@ -273,7 +274,9 @@ def test_load_stack_downloads_only_that_stacks_shards(hub_server):
 def test_one_adapter_round_trips_through_the_hub_and_loads_with_plain_peft(hub_server):
     from peft import PeftModel
 
-    from stackwise_hf.adapters import MANIFEST_PATH, adapter_names, add_stack_adapter, load_adapters
+    from stackwise_hf.adapter_files import load_adapters
+    from stackwise_hf.adapters import adapter_names, add_stack_adapter
+    from stackwise_hf.layout import ADAPTER_MANIFEST as MANIFEST_PATH
 
     rack = _adapted_rack(stack_sizes=[1, 1])
     add_stack_adapter(rack, 0, r=2, init_lora_weights=False)
@@ -421,8 +424,10 @@ def test_trust_remote_code_loads_the_rack_without_the_package(hub_server, tmp_pa
     rack.push_to_hub("remote-code")
     repo_id = f"{USER}/remote-code"
     shipped = sorted(f for f in _files(hub_server, repo_id) if f.endswith(".py"))
-    assert shipped == ["configuration_stackwise.py", "errors.py", "growth.py", "hub.py", "model_card.py",
-                       "modeling_stackwise.py", "rack.py", "rack_compat.py", "serialization.py"]
+    assert shipped == sorted(REMOTE_CODE_FILES) == [
+        "configuration_stackwise.py", "errors.py", "growth.py", "hub.py", "layout.py", "model_card.py",
+        "modeling_stackwise.py", "rack.py", "rack_compat.py", "rack_files.py", "resolver.py", "serialization.py",
+        "stacks.py"]
     config = json.loads(hub_server.file_bytes(repo_id, "config.json"))
     assert config["auto_map"] == {"AutoConfig": "configuration_stackwise.StackWiseConfig",
                                   "AutoModelForCausalLM": "modeling_stackwise.StackWiseForCausalLM"}
@@ -498,7 +503,7 @@ def test_a_missing_stack_in_the_remote_index(hub_server):
 
 
 def test_a_network_that_is_down(hub_server):
-    from stackwise_hf.adapters import load_adapters
+    from stackwise_hf.adapter_files import load_adapters
 
     rack = tiny_rack()
     rack.push_to_hub("rack")
@@ -553,11 +558,11 @@ def test_a_push_that_raced_with_another_writer_is_refused(hub_server):
     rack = tiny_rack()
     rack.push_to_hub("rack")
     repo_id = f"{USER}/rack"
-    target = hub._open_target(repo_id, token=None, revision=None, create=False)  # a push reads the head...
+    target = hub._open_target(repo_id, hub.PushOptions(), create=False)  # a push reads the head...
     rack.model.norm.weight.data += 1
     rack.push_to_hub(repo_id, commit_message="Another writer")  # ...someone else commits...
     with pytest.raises(HubError, match=r"412.*moved from .* to .* meanwhile"):  # ...and the push is refused
-        hub._commit(target, [CommitOperationAdd("late.txt", b"late")], "Late push", None, False)
+        hub._commit(target, [CommitOperationAdd("late.txt", b"late")], "Late push", hub.PushOptions())
     assert _head(hub_server, repo_id).message == "Another writer"
 
 

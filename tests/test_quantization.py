@@ -7,15 +7,14 @@ import torch
 from stackwise_hf import adapters
 from stackwise_hf.quantization import (
     backend_available,
-    load_quantized_rack,
     offload_stacks,
     quantize_stacks,
     quantized_stacks,
-    read_quantization_manifest,
     resolve_backend,
-    save_quantized_rack,
     stream_stacks,
 )
+from stackwise_hf.rack_files import read_quantization_manifest as _read_manifest
+from stackwise_hf.resolver import resolver_for
 
 from tiny import tiny_rack, tokens
 
@@ -28,6 +27,10 @@ BACKENDS = [
     pytest.param("bitsandbytes", 8, marks=pytest.mark.skipif(backend_available("bitsandbytes") is not None,
                                                             reason=str(backend_available("bitsandbytes")))),
 ]
+
+
+def read_quantization_manifest(path):
+    return _read_manifest(resolver_for(path))
 
 
 def _trunk_codes(rack, stack_idx):
@@ -75,10 +78,10 @@ def test_lora_trains_over_a_quantized_trunk_and_round_trips(tmp_path, backend, b
     assert all(torch.equal(trunk_before[k], after[k]) for k in trunk_before)  # the trunk is bit-unchanged
 
     expected = rack(ids).logits
-    save_quantized_rack(rack, tmp_path / "rack")
+    rack.save_rack(tmp_path / "rack")
     assert read_quantization_manifest(tmp_path / "rack")[0]["bits"] == bits
     other = tiny_rack(seed=7, **SHAPE)
-    load_quantized_rack(other, tmp_path / "rack")
+    other.load_rack(tmp_path / "rack")
     assert quantized_stacks(other) == record
     assert torch.equal(other(ids).logits, expected)
     reloaded = _trunk_codes(other, 0)
@@ -220,7 +223,7 @@ def test_a_damaged_quantized_rack_fails_before_the_rack_changes(tmp_path, damage
 
     saved = tiny_rack(**SHAPE)
     quantize_stacks(saved, [0], bits=8)
-    save_quantized_rack(saved, tmp_path)
+    saved.save_rack(tmp_path)
     codes = tmp_path / "quantized-stack000.safetensors"
     if damage == "truncate_codes":
         codes.write_bytes(codes.read_bytes()[:-64])

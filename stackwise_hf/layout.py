@@ -1,0 +1,125 @@
+"""Every name of the on-disk formats, in one place: file and folder names, key conventions, versions.
+
+A rack directory (`save_rack`; `save_pretrained` writes the first three groups):
+
+```
+config.json, generation_config.json                # transformers' own
+model.safetensors.index.json                       # weight map; metadata: stackwise_format, stacks
+model-rack[-0000k-of-0000n].safetensors            # embeddings, final norm, LM head
+model-stack{i:03d}[-0000k-of-0000n].safetensors    # stack i (a shard never mixes two stacks)
+quantization.json                                  # quantized stacks: how, and where their codes are
+quantized-stack{i:03d}.safetensors                 # stack i's exact integers and scales
+adapters/stackwise_adapters.json                   # adapter manifest: live and merged adapters
+adapters/<name>/adapter_config.json                # peft's own layout, one folder per adapter
+adapters/<name>/adapter_model.safetensors
+```
+
+plus, on the Hub, `README.md` (the model card), `loss.png` and the modeling code (`REMOTE_CODE_FILES`).
+A stack directory (`save_stack`) holds one stack's shards and an index of them.
+
+This module imports nothing from the package: every other module may import it.
+"""
+
+from __future__ import annotations
+
+import re
+
+# transformers' files --------------------------------------------------------------------------------
+
+CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+# Weights: per-stack shards and their index ------------------------------------------------------------
+
+INDEX_NAME = "model.safetensors.index.json"
+# `stackwise_format` in the index metadata: the version of this layout that wrote the directory.
+FORMAT_VERSION = 1
+RACK_GROUP = "rack"  # the shard group of the embeddings, final norm and head
+
+
+def shard_label(group: int | str) -> str:
+    """The label of a shard group in file names: "rack" or "stack007"."""
+    return RACK_GROUP if group == RACK_GROUP else f"stack{group:03d}"
+
+
+def shard_pattern(group: int | str) -> str:
+    """The `filename_pattern` huggingface_hub's sharding takes for a group ("{suffix}" is filled in)."""
+    return f"model-{shard_label(group)}{{suffix}}.safetensors"
+
+
+# Any shard file the writer produces (and may remove when a new save no longer names it).
+SHARD_FILE = re.compile(r"^model(?:-(?:rack|stack\d{3}))?(?:-\d{5}-of-\d{5})?\.safetensors$")
+# Root files a rack replaces wholesale on the Hub: a stale one would be read instead of (or beside) the
+# index (transformers prefers a single `model.safetensors` over an index).
+WEIGHT_FILE = re.compile(r"^(?:model(?:-[^/]+)?\.safetensors|pytorch_model(?:-[^/]+)?\.bin(?:\.index\.json)?)$")
+
+# Parameter names --------------------------------------------------------------------------------------
+
+# `[model.]stacks.{i}.{rest}`: which stack a rack state-dict key belongs to.
+STACK_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?)stacks\.(?P<stack>\d+)\.(?P<rest>.+)$")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+
+# Adapters -----------------------------------------------------------------------------------------------
+
+TRUNK = "trunk"  # the adapter spanning several (frozen) stacks
+STACK_ADAPTER = re.compile(r"^stack_(\d+)$")
+
+
+def stack_adapter_name(stack_idx: int) -> str:
+    return f"stack_{stack_idx}"
+
+
+ADAPTERS_DIR = "adapters"
+ADAPTER_MANIFEST_NAME = "stackwise_adapters.json"
+ADAPTER_MANIFEST = f"{ADAPTERS_DIR}/{ADAPTER_MANIFEST_NAME}"
+ADAPTER_FORMAT_VERSION = 1
+ADAPTER_ENTRY_KEYS = ("name", "stacks", "merged", "folder")
+# peft's file names and the key prefix `PeftModel.save_pretrained` gives every tensor (the PeftModel
+# wraps the rack as `base_model.model`); written the same way so plain peft loads our files.
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_KEY_PREFIX = "base_model.model."
+
+# Quantized stacks ----------------------------------------------------------------------------------------
+
+QUANTIZATION_MANIFEST = "quantization.json"
+QUANTIZATION_FORMAT_VERSION = 1
+
+
+def codes_file(stack_idx: int) -> str:
+    """The file holding stack `stack_idx`'s quantized integers and scales."""
+    return f"quantized-stack{stack_idx:03d}.safetensors"
+
+
+CODES_FILE = re.compile(r"^quantized-stack\d{3}\.safetensors$")
+
+
+# The Hub ------------------------------------------------------------------------------------------------
+
+CARD_NAME = "README.md"
+LOSS_PLOT_NAME = "loss.png"
+
+# What a rack saved after `register_for_auto_class` ships for `trust_remote_code=True`: exactly these
+# modules of the package, copied beside config.json. They import only torch, transformers,
+# huggingface_hub and safetensors outside `try` blocks, and every relative import among them names
+# one of them (tests/test_remote_code.py checks both, the way transformers reads them: it follows
+# `from .x import y` lines, not `from . import x`). Modules that need more (adapters: peft;
+# quantization: torchao/bitsandbytes; training: accelerate) are not shipped; the shipped modules import
+# them as `from . import x` inside `try` and run without them.
+REMOTE_CODE_FILES = (
+    "configuration_stackwise.py",
+    "modeling_stackwise.py",
+    "rack.py",
+    "rack_compat.py",
+    "growth.py",
+    "rack_files.py",
+    "serialization.py",
+    "stacks.py",
+    "resolver.py",
+    "hub.py",
+    "model_card.py",
+    "errors.py",
+    "layout.py",
+)
