@@ -15,13 +15,14 @@ import torch
 from torch import nn
 
 from .. import adapters
+from ..layout import TRUNK
 from ..quantization import SCHEMES, quantize_stacks, quantized_stacks
 from ..serialization import is_adapter_key
 from .schedule import ResolvedStage
 
 logger = logging.getLogger(__name__)
 
-TRUNK_ADAPTER = "trunk"
+TRUNK_ADAPTER = TRUNK
 
 
 @dataclass

@@ -9,10 +9,12 @@ import logging
 import math
 import os
 
+from ..layout import LOSS_PLOT_NAME
+
 logger = logging.getLogger(__name__)
 
 LOG_NAME = "log.jsonl"
-PLOT_NAME = "loss.png"
+PLOT_NAME = LOSS_PLOT_NAME
 
 
 def resolve_trackers(report_to) -> list[str]:

@@ -32,6 +32,7 @@ from .. import adapters
 from ..configuration_stackwise import StackWiseConfig
 from ..data import build_datasets, check_tokenizer_fits, load_or_train_tokenizer
 from ..errors import CheckpointError
+from ..layout import TRUNK, stack_adapter_name
 from ..modeling_stackwise import StackWiseForCausalLM, StackWiseForMaskedLM
 from .arguments import TrainingArguments
 from .batches import EpochSampler, IndexedBlocks, batch_input_ids, indexed_loader
@@ -594,7 +595,7 @@ class ProgressiveTrainer(GuideTrainerMixin):
         return max(1, math.ceil(config.num_epochs * batches_per_epoch / self.args.gradient_accumulation_steps))
 
     def _merge_stage_adapters(self, stage: ResolvedStage) -> None:
-        for name in (f"stack_{stage.stack}", "trunk"):
+        for name in (stack_adapter_name(stage.stack), TRUNK):
             if name in adapters.adapter_names(self.rack):
                 adapters.merge_stack_adapter(self.rack, name)
 
