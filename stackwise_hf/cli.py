@@ -149,11 +149,14 @@ def load_rack_for_cli(path: str, revision: str | None = None):
 
 
 def _stage_table(stages) -> str:
-    lines = [f"{'stage':<12}{'stacks':<14}{'steps':>6}{'first':>9}{'final':>9}{'eval':>9}{'ppl':>9}{'sec':>8}"]
+    """One line per `StageSummary`; `tokens` and `PFLOP` are the run's totals at the stage's end (training
+    FLOPs as `stackwise_hf.training.flops` counts them: trunk-cache builds included, evaluation not)."""
+    lines = [f"{'stage':<12}{'stacks':<14}{'steps':>6}{'first':>9}{'final':>9}{'eval':>9}{'ppl':>9}{'sec':>8}"
+             f"{'tokens':>12}{'PFLOP':>10}"]
     for s in stages:
         lines.append(
             f"{s.name:<12}{str(s.stack_sizes):<14}{s.steps:>6}{_f(s.first_loss)}{_f(s.final_loss)}"
-            f"{_f(s.eval_loss)}{_f(s.perplexity, 1)}{s.seconds:>8.1f}"
+            f"{_f(s.eval_loss)}{_f(s.perplexity, 1)}{s.seconds:>8.1f}{s.tokens:>12,}{s.flops / 1e15:>10.4f}"
         )
     return "\n".join(lines)
 

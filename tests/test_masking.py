@@ -169,7 +169,8 @@ def _trainer(tmp_path, stages, objective=None, rack=None):
 
 @pytest.mark.parametrize("name", ["mlm", "masked_diffusion"])
 def test_masked_objectives_train_a_bidirectional_rack(tmp_path, name):
-    trainer = _trainer(tmp_path, [{"max_steps": 40, "objective": name, "learning_rate": 1e-2,
+    # 80 steps (10 epochs of 8 batches): masks are drawn anew each epoch, so no block's mask is learned by heart.
+    trainer = _trainer(tmp_path, [{"max_steps": 80, "objective": name, "learning_rate": 1e-2,
                                    "train": ["stack", "head", "embeddings"]}])
     result = trainer.train()
     assert trainer.rack.config.attention_mode == "bidirectional"
@@ -233,3 +234,42 @@ def test_a_given_tokenizer_supplies_the_mask_token(tmp_path):
                                  tokenizer=_Tokenizer())
     trainer.setup()
     assert trainer.enter_stage(trainer.schedule[0]).objective.mask_token_id == 3
+
+
+@pytest.mark.parametrize("objective_class", [MaskedLMObjective, MaskedDiffusionObjective])
+def test_training_masks_are_drawn_anew_every_epoch_and_eval_masks_never(objective_class):
+    ids, sample_ids = _batch(8, 64)
+    objective = objective_class({"seed": 1}, mask_token_id=MASK, vocab_size=VOCAB)
+    epochs = [objective.prepare(ids, 0, sample_ids, epoch=e).labels for e in range(3)]
+    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
+    assert torch.equal(objective.prepare(ids, 0, sample_ids, epoch=1).labels, epochs[1])  # still reproducible
+    assert torch.equal(objective.prepare(ids, 0, sample_ids).labels, epochs[0])  # epoch 0: the masks of old
+    held_out = [objective.prepare(ids, 0, sample_ids, evaluation=True, epoch=e).labels for e in range(2)]
+    assert torch.equal(held_out[0], held_out[1])
+    fixed = objective_class({"seed": 1, "resample_per_epoch": False}, mask_token_id=MASK, vocab_size=VOCAB)
+    assert torch.equal(fixed.prepare(ids, 0, sample_ids, epoch=2).labels, epochs[0])
+
+
+@pytest.mark.parametrize("mode", ["recompute", "cache"])
+def test_the_trainer_masks_each_epoch_afresh_except_over_a_cache(tmp_path, monkeypatch, mode):
+    seen = {}  # sample id -> {epoch: masked positions} of the training blocks of stage 1
+    original = MaskedLMObjective.prepare
+
+    def spy(self, input_ids, stage_index, sample_ids=None, evaluation=False, epoch=0):
+        batch = original(self, input_ids, stage_index, sample_ids, evaluation, epoch)
+        if stage_index == 1 and not evaluation:
+            for sample, labels in zip(torch.as_tensor(sample_ids).tolist(), batch.labels):
+                seen.setdefault(sample, {})[epoch] = tuple((labels != -100).nonzero().flatten().tolist())
+        return batch
+
+    monkeypatch.setattr(MaskedLMObjective, "prepare", spy)
+    stages = [{"max_steps": 2, "objective": "mlm", "train": ["stack", "head", "embeddings"]},
+              {"grow": "append", "n_blocks": 1, "max_steps": 6, "objective": "mlm", "trunk_mode": mode}]
+    trainer = _trainer(tmp_path, stages)
+    trainer.train_dataset = synthetic_blocks(16)  # 2 steps of 8 blocks per epoch: stage 1 runs 3 epochs
+    trainer.train()
+    assert sorted(seen) == list(range(16))
+    if mode == "recompute":
+        assert all(sorted(masks) == [0, 1, 2] and len(set(masks.values())) == 3 for masks in seen.values())
+    else:  # the cache holds the trunk's output over epoch 0's masked inputs, so the labels stay epoch 0's
+        assert all(list(masks) == [0] for masks in seen.values())

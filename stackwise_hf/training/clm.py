@@ -1,8 +1,8 @@
 """The causal LM objective and the pieces every objective shares: the batch it prepares, the token loss.
 
-An objective has two jobs: `prepare(input_ids, stage_index, sample_ids, evaluation)` returns the model inputs and labels
-for one batch (masking, for the masked objectives, is deterministic per sample and stage so a cached
-trunk stays valid), and `loss(hidden, head, labels)` turns the final hidden states into a mean loss
+An objective has two jobs: `prepare(input_ids, stage_index, sample_ids, evaluation, epoch)` returns the model inputs
+and labels for one batch (masking, for the masked objectives, is deterministic per sample, stage and
+epoch, so a resume redraws the same masks and a cached trunk stays valid), and `loss(hidden, head, labels)` turns the final hidden states into a mean loss
 and the number of positions it was taken over.
 """
 
@@ -33,7 +33,7 @@ class CausalLMObjective:
     loss_chunk_size: int | None = None  # set by the trainer from TrainingArguments.loss_chunk_size
 
     def prepare(self, input_ids: torch.Tensor, stage_index: int, sample_ids: torch.Tensor | None = None,
-                evaluation: bool = False) -> ObjectiveBatch:
+                evaluation: bool = False, epoch: int = 0) -> ObjectiveBatch:
         return ObjectiveBatch(input_ids=input_ids, labels=input_ids)
 
     def trunk_input_key(self, stage_index: int) -> str:

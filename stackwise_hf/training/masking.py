@@ -1,9 +1,12 @@
 """Masked objectives: masked LM (BERT 80/10/10), masked diffusion, and "depth as time".
 
-Every mask is a pure function of `(ObjectiveConfig.seed, split, sample_id, stage key)`: a CPU
-`torch.Generator` is seeded from those numbers for each sample, so a block is masked the same way in
-every epoch, after a resume, in any batch and on any number of processes. That is what lets a
-frozen trunk's output over the masked inputs be cached (`trunk_cache.py`).
+Every mask is a pure function of `(ObjectiveConfig.seed, split, sample_id, stage key, epoch)`: a CPU
+`torch.Generator` is seeded from those numbers for each sample, so a block is masked the same way
+after a resume, in any batch and on any number of processes. Training masks are drawn anew every epoch
+(`resample_per_epoch`, on by default, as transformers' `DataCollatorForLanguageModeling` masks every
+batch afresh), so a block seen twice teaches something new; evaluation masks never change. A stage in
+`trunk_mode: cache` keeps epoch 0's masks throughout: the cache holds the frozen trunk's output over one
+draw of masked inputs (`trunk_cache.py`), which is what lets it be reused and extended.
 
 The stage key, and so what the cache can reuse across stages:
 
@@ -65,6 +68,8 @@ class ObjectiveConfig:
         max_ratio (`float`): heaviest ratio (leftmost stack) of the linear and cosine schedules.
         resample_per_stage (`bool`): "mlm"/"masked_diffusion": draw fresh masks at each stage (the trunk
             cache is then rebuilt, not extended, at each stage).
+        resample_per_epoch (`bool`): draw fresh training masks at every epoch (not in `trunk_mode: cache`
+            stages, which keep the first epoch's); false masks a block the same way in every epoch.
 
     Every masked objective masks at least one position per block, so each block carries a loss.
 
@@ -89,6 +94,7 @@ class ObjectiveConfig:
     min_ratio: float = 0.15
     max_ratio: float = 0.9
     resample_per_stage: bool = False
+    resample_per_epoch: bool = True
 
     def __post_init__(self):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -127,8 +133,9 @@ class ObjectiveConfig:
             raise ValueError(
                 f"`depth_ratios` is only used with `depth_schedule: list`; got depth_schedule={self.depth_schedule!r}."
             )
-        if not isinstance(self.resample_per_stage, bool):
-            raise ValueError(f"`resample_per_stage` must be true or false; got {self.resample_per_stage!r}.")
+        for name in ("resample_per_stage", "resample_per_epoch"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be true or false; got {getattr(self, name)!r}.")
 
     @classmethod
     def from_dict(cls, values, where: str = "objective") -> "ObjectiveConfig":
@@ -154,7 +161,9 @@ class ObjectiveConfig:
 
     def key(self) -> str:
         """Everything here that changes a mask, as text (part of the trunk cache's fingerprint)."""
-        return ",".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name != "loss_weighting")
+        # Epoch 0's masks, which a cache holds, do not depend on `resample_per_epoch`.
+        ignored = ("loss_weighting", "resample_per_epoch")
+        return ",".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name not in ignored)
 
 
 def _check_fraction(name: str, value, allow_zero: bool = True) -> None:
@@ -171,10 +180,10 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def sample_generator(seed: int, split: int, sample_id: int, stage_key: int) -> torch.Generator:
-    """A CPU generator that is a pure function of its four arguments."""
+def sample_generator(seed: int, split: int, sample_id: int, stage_key: int, epoch: int = 0) -> torch.Generator:
+    """A CPU generator that is a pure function of its arguments (epoch 0 draws what it always drew)."""
     x = 0
-    for part in (seed, split, sample_id, stage_key):
+    for part in (seed, split, sample_id, stage_key) + ((epoch,) if epoch else ()):
         x = _splitmix64(x ^ (int(part) & _MASK64))
     return torch.Generator().manual_seed(x & ((1 << 63) - 1))
 
@@ -220,16 +229,20 @@ class _MaskedObjective:
 
     # The objective interface -------------------------------------------------------------------------
 
-    def prepare(self, input_ids: torch.Tensor, stage_index: int, sample_ids=None, evaluation: bool = False) -> ObjectiveBatch:
+    def prepare(self, input_ids: torch.Tensor, stage_index: int, sample_ids=None, evaluation: bool = False,
+                epoch: int = 0) -> ObjectiveBatch:
+        """Masked inputs, labels at the masked positions and loss weights for a batch of blocks; training
+        masks depend on `epoch` when `resample_per_epoch` is on, evaluation masks never do."""
         if sample_ids is None:
             raise ValueError(f"objective {self.name!r} needs `sample_ids` so that masks are deterministic per sample.")
         ids = input_ids.detach().cpu()
         sample_ids = torch.as_tensor(sample_ids).reshape(-1).tolist()
         split = _EVAL if evaluation else _TRAIN
         key = self.stage_key(stage_index)
+        epoch = epoch if self.config.resample_per_epoch and not evaluation else 0
         masked, labels, weights = [], [], []
         for row, sample_id in zip(ids, sample_ids):
-            generator = sample_generator(self.config.seed, split, sample_id, key)
+            generator = sample_generator(self.config.seed, split, sample_id, key, epoch)
             new, selected, weight = self.mask_one(row, generator, stage_index)
             masked.append(new)
             labels.append(torch.where(selected, row, torch.full_like(row, -100)))

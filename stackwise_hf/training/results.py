@@ -21,6 +21,8 @@ class StageSummary:
         first_loss / final_loss: training loss of the stage's first and last logging window.
         eval_loss / perplexity: on the held-out split at the stage's end (None without one).
         seconds: wall-clock time of the stage.
+        tokens / flops / train_seconds: the run's training tokens, training FLOPs (`flops.py`) and training
+            wall time (evaluation excluded) at the stage's end.
         peak_memory_gib: peak CUDA memory allocated, GiB (on a GPU).
         peak_rss_gib: peak resident memory of the process, GiB (on the CPU).
     """
@@ -35,6 +37,9 @@ class StageSummary:
     eval_loss: float | None
     perplexity: float | None
     seconds: float
+    tokens: int = 0
+    flops: float = 0.0
+    train_seconds: float = 0.0
     peak_memory_gib: float | None = None
     peak_rss_gib: float | None = None
 

@@ -18,6 +18,7 @@ from .. import adapters
 from ..layout import TRUNK
 from ..quantization import SCHEMES, quantize_stacks, quantized_stacks
 from ..serialization import is_adapter_key
+from .flops import StageFlops
 from .schedule import ResolvedStage
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class StageRun:
     trainable: list[str]
     started: float = field(default_factory=time.perf_counter)
     step_losses: list[torch.Tensor] = field(default_factory=list)
+    flops: StageFlops | None = None  # what a step computes (`flops.py`)
+    grad_norm: float | None = None  # of the last optimizer step, before clipping
 
 
 def trunk_stacks(stage: ResolvedStage) -> list[int]:

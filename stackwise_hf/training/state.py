@@ -19,6 +19,8 @@ class TrainerState:
         epoch: epoch within the current stage.
         epoch_batches: micro-batches of the current epoch already consumed (the data position).
         tokens_seen: training tokens consumed by this process times the number of processes.
+        flops: training FLOPs of the run so far, every process together (`flops.py` counts them).
+        train_seconds: wall time of training so far: steps and trunk-cache builds, not evaluation.
         best_eval_loss: lowest evaluation loss so far.
         stage_results: one summary per finished stage (loss, eval loss, perplexity, time, memory).
         log_history: every record written to `log.jsonl` (for the plot after a resume).
@@ -31,6 +33,8 @@ class TrainerState:
     epoch: int = 0
     epoch_batches: int = 0
     tokens_seen: int = 0
+    flops: float = 0.0
+    train_seconds: float = 0.0
     best_eval_loss: float | None = None
     stage_results: list[dict] = field(default_factory=list)
     log_history: list[dict] = field(default_factory=list)

@@ -1,5 +1,5 @@
-"""Run logging: a JSON-lines log (always), Accelerate trackers (TensorBoard when installed), and the
-loss-per-stage plot."""
+"""Run logging: a JSON-lines log (always), Accelerate trackers (TensorBoard when installed), the
+throughput of training (tokens/s, FLOP/s, model FLOP utilisation on CUDA), and the loss-per-stage plot."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import json
 import logging
 import math
 import os
+import time
+
+import torch
+
+from .flops import peak_flops
 
 from ..layout import LOSS_PLOT_NAME
 
@@ -63,6 +68,49 @@ class RunLog:
         if not self.accelerator.is_main_process:
             return None
         return plot_losses(self.history, path)
+
+
+class ThroughputMeter:
+    """Training wall time (evaluation excluded) and the rates over the current logging window.
+
+    `begin` starts the clock (a stage starts), `step_end` adds the time since the last step to
+    `state.train_seconds`, `pause` drops the time since the last step (an evaluation ran), and `rates`
+    gives tokens/s, FLOPs/s and, on CUDA with a known device, model FLOP utilisation: FLOPs/s over the
+    bf16 dense peak of all processes' devices (`flops.BF16_PEAK_FLOPS`).
+    """
+
+    def __init__(self, device, num_processes: int = 1):
+        device = torch.device(device)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        peak = peak_flops(name)
+        self.peak = peak * num_processes if peak else None
+        self._clock = time.perf_counter()
+        self._window = (0, 0.0, 0.0)
+
+    def begin(self, state) -> None:
+        self._clock = time.perf_counter()
+        self.start_window(state)
+
+    def start_window(self, state) -> None:
+        self._window = (state.tokens_seen, state.flops, state.train_seconds)
+
+    def step_end(self, state) -> None:
+        now = time.perf_counter()
+        state.train_seconds += now - self._clock
+        self._clock = now
+
+    def pause(self) -> None:
+        self._clock = time.perf_counter()
+
+    def rates(self, state) -> dict:
+        tokens, flops, seconds = self._window
+        elapsed = state.train_seconds - seconds
+        if elapsed <= 0:
+            return {}
+        rates = {"tokens_per_s": (state.tokens_seen - tokens) / elapsed, "flops_per_s": (state.flops - flops) / elapsed}
+        if self.peak:
+            rates["mfu"] = rates["flops_per_s"] / self.peak
+        return rates
 
 
 def plot_losses(history: list[dict], path: str) -> str | None:

@@ -40,6 +40,7 @@ from .checkpoint_format import checkpoint_directory
 from .checkpointing import CheckpointContents, CheckpointManager, Restored
 from .compat import GuideTrainerMixin
 from .experiment import ExperimentConfig
+from .flops import StageFlops, stage_flops
 from .fsdp import check_fsdp_support, gathered_optimizer_state, keep_loss_in_float32, plain_copy, unshard_rack, uses_fsdp
 from .hub_sync import HubSync, hub_checkpoint_location
 from .masking import stage_mask_ratios
@@ -57,7 +58,7 @@ from .stage import (
     trunk_on_host,
 )
 from .state import TrainerState
-from .tracking import PLOT_NAME, RunLog, resolve_trackers
+from .tracking import PLOT_NAME, RunLog, ThroughputMeter, resolve_trackers
 from .trunk_cache import TrunkCache
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class ProgressiveTrainer(GuideTrainerMixin):
         keep_loss_in_float32(self.accelerator)
         self.state = TrainerState()
         self.run_log = RunLog(self.accelerator, self.args.output_dir)
+        self.meter = ThroughputMeter(self.accelerator.device, self.accelerator.num_processes)
         self.schedule: list[ResolvedStage] = []
         self.trunk_cache: TrunkCache | None = None  # from the first stage with `trunk_mode: cache` on
         self.checkpoints = CheckpointManager(self.args, self.accelerator)
@@ -156,9 +158,9 @@ class ProgressiveTrainer(GuideTrainerMixin):
         first = min(first_trained_stack(self.rack, config.trains("embeddings")), stop)
         module = StageModule(self.rack, objective, first, train_embeddings=config.trains("embeddings"), stop=stop)
         loader, train_data, sampler = self._train_loader(stage, dataloader)
-        if config.trunk_mode == "cache":
-            self._sync_trunk_cache(stage, module, objective, train_data)
+        cache = self._sync_trunk_cache(stage, module, objective, train_data) if config.trunk_mode == "cache" else None
         host_trunk = self._place_trunk(stage)
+        flops = self._stage_flops(stage, module, cache, train_data)
         if optimizer is None:
             optimizer = torch.optim.AdamW(optimizer_groups(self.rack, config.weight_decay), lr=config.learning_rate,
                                           **_fused_if_cuda(self.accelerator.device))
@@ -171,7 +173,7 @@ class ProgressiveTrainer(GuideTrainerMixin):
         scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
                                   num_training_steps=total_steps)
         run = StageRun(stage, module, optimizer, scheduler, loader, train_data, sampler, objective, total_steps,
-                       trainable)
+                       trainable, flops=flops)
         self.run_log.record("stage_start", self.state.global_step, stage=stage.index, stage_name=stage.name,
                             stack=stage.stack, stack_sizes=list(self.rack.config.stack_sizes),
                             **count_parameters(self.rack))
@@ -186,6 +188,7 @@ class ProgressiveTrainer(GuideTrainerMixin):
                    disable=not self.accelerator.is_local_main_process, dynamic_ncols=True)
         window: list[torch.Tensor] = []  # micro-batch losses of the current logging window
         step: list[torch.Tensor] = []  # micro-batch losses of the current optimizer step
+        self.meter.begin(self.state)
         while self.state.stage_step < run.total_steps:
             for batch in self._epoch_batches(run):
                 loss = self._train_micro_batch(run, batch)
@@ -199,7 +202,7 @@ class ProgressiveTrainer(GuideTrainerMixin):
                 self.state.stage_step += 1
                 self.state.global_step += 1
                 bar.update(1)
-                self._after_optimizer_step(run, window)
+                self._after_optimizer_step(run, window, bar)
                 if self.state.stage_step >= run.total_steps:
                     break
             if self.state.epoch_batches >= _length(run.train_loader):  # the epoch was consumed whole
@@ -221,7 +224,8 @@ class ProgressiveTrainer(GuideTrainerMixin):
             first_loss=_first_train_loss(self.run_log.history, run.stage.index),
             final_loss=_last_train_loss(self.run_log.history),
             eval_loss=metrics["loss"] if metrics else None, perplexity=metrics["perplexity"] if metrics else None,
-            seconds=time.perf_counter() - run.started, **_peak_memory(self.accelerator.device),
+            seconds=time.perf_counter() - run.started, tokens=self.state.tokens_seen, flops=self.state.flops,
+            train_seconds=self.state.train_seconds, **_peak_memory(self.accelerator.device),
         )
         self.state.stage_results.append(summary.as_dict())
         self.run_log.record("stage_end", self.state.global_step, **summary.as_dict())
@@ -269,32 +273,43 @@ class ProgressiveTrainer(GuideTrainerMixin):
     def _train_micro_batch(self, run: StageRun, batch) -> torch.Tensor:
         input_ids = batch_input_ids(batch)
         sample_ids = batch.get("sample_id") if isinstance(batch, Mapping) else None
-        prepared = run.objective.prepare(input_ids, run.stage.index, sample_ids)
+        # Masks are drawn anew each epoch, except over a cache, which holds the trunk's output over epoch 0's.
+        epoch = 0 if run.stage.config.trunk_mode == "cache" else self.state.epoch
+        prepared = run.objective.prepare(input_ids, run.stage.index, sample_ids, epoch=epoch)
         with self.accelerator.accumulate(run.module):
             with self.accelerator.autocast():
                 loss, _ = run.module(prepared.input_ids, prepared.labels, prepared.weights,
                                      trunk_hidden=self._trunk_hidden(run, "train", sample_ids))
             self.accelerator.backward(loss)
-            if self.accelerator.sync_gradients and self.args.max_grad_norm:
-                self.accelerator.clip_grad_norm_(
-                    [p for p in self.rack.parameters() if p.requires_grad], self.args.max_grad_norm
+            if self.accelerator.sync_gradients:
+                # With no clipping, an infinite max norm only measures (the norm is logged either way).
+                norm = self.accelerator.clip_grad_norm_(
+                    [p for p in self.rack.parameters() if p.requires_grad], self.args.max_grad_norm or math.inf
                 )
+                run.grad_norm = float(norm) if norm is not None else None
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
         self.state.tokens_seen += input_ids.numel() * self.accelerator.num_processes
+        self.state.flops += run.flops.step_flops(input_ids.shape) * self.accelerator.num_processes
         return loss.detach()
 
-    def _after_optimizer_step(self, run: StageRun, window: list[torch.Tensor]) -> None:
+    def _after_optimizer_step(self, run: StageRun, window: list[torch.Tensor], bar) -> None:
+        lr = run.scheduler.get_last_lr()[0]  # the rate this step used
         run.scheduler.step()
+        self.meter.step_end(self.state)
         step = self.state.stage_step
         if step % self.args.logging_steps == 0 or step == run.total_steps:
             loss = self.accelerator.reduce(torch.stack(window).mean(), reduction="mean").item()
-            self.run_log.record("train", self.state.global_step, stage=run.stage.index, loss=loss,
-                                lr=run.scheduler.get_last_lr()[0], tokens=self.state.tokens_seen)
+            health = {"loss": loss, "lr": lr, "grad_norm": run.grad_norm, **self.meter.rates(self.state)}
+            self.run_log.record("train", self.state.global_step, stage=run.stage.index, tokens=self.state.tokens_seen,
+                                flops=self.state.flops, seconds=self.state.train_seconds, **health)
+            bar.set_postfix(_postfix(health), refresh=False)
+            self.meter.start_window(self.state)
         if step % self.args.logging_steps == 0:
             window.clear()
         if self.args.eval_steps and step % self.args.eval_steps == 0 and step != run.total_steps:
             self.evaluate(run)
+            self.meter.pause()  # evaluation is not training time
         interval = self.args.save_interval
         if interval and self.state.global_step % interval == 0 and step < run.total_steps:
             self.save_checkpoint("interval", self.rack, run=run, stack_idx=run.stage.stack)
@@ -352,7 +367,9 @@ class ProgressiveTrainer(GuideTrainerMixin):
         metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "positions": int(count.item())}
         if self.state.best_eval_loss is None or loss < self.state.best_eval_loss:
             self.state.best_eval_loss = loss
-        self.run_log.record("eval", self.state.global_step, stage=run.stage.index, **metrics)
+        # The training budget spent so far: held-out loss against tokens and FLOPs reads off the log.
+        self.run_log.record("eval", self.state.global_step, stage=run.stage.index, tokens=self.state.tokens_seen,
+                            flops=self.state.flops, **metrics)
         logger.info("eval at step %d (%s): loss %.4f, perplexity %.2f", self.state.global_step, run.stage.name,
                     loss, metrics["perplexity"])
         return metrics
@@ -375,8 +392,9 @@ class ProgressiveTrainer(GuideTrainerMixin):
 
     # Trunk cache (`trunk_mode: cache`) -------------------------------------------------------------
 
-    def _sync_trunk_cache(self, stage: ResolvedStage, module: StageModule, objective, train_data) -> None:
-        """Builds, extends or reuses the frozen trunk's output over the train and eval blocks."""
+    def _sync_trunk_cache(self, stage: ResolvedStage, module: StageModule, objective, train_data):
+        """Builds, extends or reuses the frozen trunk's output over the train and eval blocks; returns the
+        cache's report (what it ran)."""
         if train_data is None:
             raise ValueError(
                 f"stage {stage.name}: `trunk_mode: cache` looks blocks up by index, so it needs a DataLoader over a "
@@ -393,12 +411,29 @@ class ProgressiveTrainer(GuideTrainerMixin):
                 rows["eval"] = min(rows["eval"], self.args.max_eval_batches * self.args.per_device_eval_batch_size)
         # On disk the main process builds; the others then find the finished cache by its fingerprint.
         first = self.accelerator.main_process_first() if self.args.trunk_cache_dir else contextlib.nullcontext()
+        started = time.perf_counter()
         with first:
             report = self.trunk_cache.sync(
                 module, objective, stage.index, datasets, rows=rows, tokenizer=self.tokenizer,
                 device=self.accelerator.device, autocast=self.accelerator.autocast, precision=self.args.mixed_precision,
             )
+        self.state.train_seconds += time.perf_counter() - started  # building the cache is training time
         self.run_log.record("trunk_cache", self.state.global_step, stage=stage.index, **report.as_dict())
+        return report
+
+    def _stage_flops(self, stage: ResolvedStage, module: StageModule, cache_report, train_data) -> StageFlops:
+        """The stage's FLOP count (`flops.py`); adds a trunk-cache build or extension to the run's total."""
+        cached = stage.config.trunk_mode == "cache" and self.trunk_cache.active
+        flops = stage_flops(self.rack, module.first_trained, causal=stage.config.objective == "clm",
+                            trunk_cached=cached,
+                            checkpointed_stacks=[stage.stack] if stage.config.gradient_checkpointing else [])
+        if cache_report is not None and cache_report.stacks_run:
+            # An in-memory cache is built by every process; one on disk by the main process alone.
+            builders = self.accelerator.num_processes if self.trunk_cache.directory is None else 1
+            block_size = IndexedBlocks(train_data)[0]["input_ids"].shape[-1]
+            self.state.flops += builders * flops.cache_build_flops(cache_report.stacks_run, cache_report.rows["train"],
+                                                                   block_size)
+        return flops
 
     def _trunk_hidden(self, run: StageRun, split: str, sample_ids) -> torch.Tensor | None:
         if run.stage.config.trunk_mode != "cache" or not self.trunk_cache.active:
@@ -639,6 +674,19 @@ def _fill_special_tokens(config: StackWiseConfig, tokenizer) -> None:
 
 def _fused_if_cuda(device) -> dict:
     return {"fused": True} if torch.device(device).type == "cuda" else {}
+
+
+def _postfix(health: dict) -> dict:
+    """The tqdm postfix: short names, few digits."""
+    shown = {"loss": f"{health['loss']:.3f}", "lr": f"{health['lr']:.2e}"}
+    if health.get("grad_norm") is not None:
+        shown["gnorm"] = f"{health['grad_norm']:.2f}"
+    if "tokens_per_s" in health:
+        shown["tok/s"] = f"{health['tokens_per_s']:,.0f}"
+        shown["TFLOP/s"] = f"{health['flops_per_s'] / 1e12:.3g}"
+    if "mfu" in health:
+        shown["mfu"] = f"{100 * health['mfu']:.1f}%"
+    return shown
 
 
 def _peak_memory(device) -> dict:
