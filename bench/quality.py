@@ -226,9 +226,9 @@ def plan_groups(args) -> list[dict]:
     for corpus in args.corpora:
         for depth in args.depths:
             for objective in args.objectives:
-                for seed_index in range(args.seeds):
+                for seed_index in range(args.first_seed, args.first_seed + args.seeds):
                     everything = args.full or (corpus == args.corpora[0] and depth == args.depths[0])
-                    recipes = args.recipes if everything and seed_index == 0 else [
+                    recipes = args.recipes if everything and seed_index == args.first_seed else [
                         r for r in args.recipes if r in args.headline]
                     groups.append({"corpus": corpus, "depth": depth, "objective": objective, "seed": seed_index,
                                    "runs": ["e2e", *recipes]})
@@ -269,6 +269,7 @@ def main() -> None:
                         help="recipes run on every corpus and depth and with every seed")
     parser.add_argument("--full", action="store_true", help="every recipe on every corpus and depth")
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed, first-seed + 1, ...")
     parser.add_argument("--e2e-steps", type=int, default=240, help="end-to-end steps at the default depth (its "
                         "FLOPs are every recipe's budget); the deep rack gets the same steps")
     parser.add_argument("--evals", type=int, default=12, help="evaluations per run (plus one per stage end)")
@@ -288,6 +289,8 @@ def main() -> None:
     parser.add_argument("--from-json", nargs="+", help="redo the table and plot from --json files (e.g. of two "
                         "partial grids) without training")
     parser.add_argument("--docs", action="store_true", help="write the table and plot into docs/")
+    parser.add_argument("--note", help="a markdown file whose text follows the table in docs/ (the commands of "
+                        "partial grids put together with --from-json, and the reading of the figures)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--depth", help=argparse.SUPPRESS)
@@ -436,7 +439,8 @@ def section_text(table_text: str, rows: list[dict], args, results: list[dict]) -
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    command = "nice -n 10 python bench/quality.py " + " ".join(a for a in sys.argv[1:] if not a.startswith("--from-json"))
+    command = "nice -n 10 python bench/quality.py " + " ".join(sys.argv[1:])
+    note = open(args.note, encoding="utf-8").read().strip() if args.note else ""
     return "\n".join([
         "## Recipes vs end to end at equal training FLOPs (`bench/quality.py`)",
         "",
@@ -456,6 +460,8 @@ def section_text(table_text: str, rows: list[dict], args, results: list[dict]) -
         table_text,
         "",
         "![held-out loss against training FLOPs and wall time](quality.png)",
+        "",
+        note,
         "",
     ])
 
