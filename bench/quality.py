@@ -51,6 +51,7 @@ SECTION = "quality"
 OBJECTIVES = ("clm", "masked_diffusion")
 CORPORA = ("shakespeare", "python")
 DEPTHS = {"default": 3, "deep": 6}  # stacks of the final rack (2 blocks each)
+E2E_BASELINES = ("e2e_constant_lr",)  # end-to-end runs beside "e2e" (the budget and parity target)
 
 
 # The experiments --------------------------------------------------------------------------------------
@@ -80,13 +81,23 @@ def e2e_stages(args) -> list[dict]:
     return [dict(name="e2e", train=["all"], max_steps=args.e2e_steps, learning_rate=args.lr, warmup_steps=10)]
 
 
+def e2e_constant_lr_stages(args) -> list[dict]:
+    """End to end with the learning-rate shape of the `constant_lr` recipe: its first stage's rate held
+    for two thirds of the steps, then its last stage's rate decayed (cosine) over the last third; a
+    baseline that separates the schedule's effect from growth's. (Two stages: AdamW restarts between.)"""
+    hold = round(args.e2e_steps * 2 / 3)
+    return [dict(name="e2e_hold", train=["all"], max_steps=hold, learning_rate=3e-3, warmup_steps=10,
+                 lr_scheduler_type="constant_with_warmup"),
+            dict(name="e2e_decay", train=["all"], max_steps=args.e2e_steps - hold, learning_rate=2e-3)]
+
+
 def experiment_document(args, corpus: str, depth: str, objective: str, run: str, seed: int, data_dir: str,
                         output_dir: str) -> dict:
     n = DEPTHS[depth]
     model = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
                  num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                 max_position_embeddings=max(512, args.block), stack_sizes=[2] if run != "e2e" else [2] * n)
-    stages = e2e_stages(args) if run == "e2e" else recipe_stages(run, n)
+                 max_position_embeddings=max(512, args.block), stack_sizes=[2] * n if run in E2E_RUNS else [2])
+    stages = E2E_RUNS[run](args) if run in E2E_RUNS else recipe_stages(run, n)
     for stage in stages:
         stage["objective"] = objective
         stage.pop("trunk_mode", None)  # recompute: a cache is built over the whole corpus, never repaid here
@@ -231,7 +242,7 @@ def plan_groups(args) -> list[dict]:
                     recipes = args.recipes if everything and seed_index == args.first_seed else [
                         r for r in args.recipes if r in args.headline]
                     groups.append({"corpus": corpus, "depth": depth, "objective": objective, "seed": seed_index,
-                                   "runs": ["e2e", *recipes]})
+                                   "runs": ["e2e", *(args.baselines if everything else []), *recipes]})
     return groups
 
 
@@ -265,6 +276,8 @@ def main() -> None:
     parser.add_argument("--depths", nargs="+", choices=list(DEPTHS), default=list(DEPTHS))
     parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
     parser.add_argument("--recipes", nargs="+", default=recipe_names())
+    parser.add_argument("--baselines", nargs="*", default=list(E2E_BASELINES),
+                        help="other end-to-end runs, on the first corpus and depth")
     parser.add_argument("--headline", nargs="+", default=["identity", "fusion_full"],
                         help="recipes run on every corpus and depth and with every seed")
     parser.add_argument("--full", action="store_true", help="every recipe on every corpus and depth")
@@ -301,7 +314,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    unknown = sorted(set(args.recipes) - set(recipe_names()))
+    unknown = sorted(set(args.recipes) - set(recipe_names())) + sorted(set(args.baselines) - set(E2E_BASELINES))
     if unknown:
         parser.error(f"unknown recipe(s) {unknown}; configs/recipes has {recipe_names()}")
 
@@ -464,6 +477,9 @@ def section_text(table_text: str, rows: list[dict], args, results: list[dict]) -
         note,
         "",
     ])
+
+
+E2E_RUNS = {"e2e": e2e_stages, "e2e_constant_lr": e2e_constant_lr_stages}
 
 
 if __name__ == "__main__":
