@@ -1,3 +1,4 @@
+import json
 import logging
 
 import pytest
@@ -7,7 +8,7 @@ from stackwise_hf.training import ProgressiveTrainer
 from stackwise_hf.training.masking import MaskedLMObjective
 from stackwise_hf.training.objectives import CausalLMObjective
 from stackwise_hf.training.stage import StageModule
-from stackwise_hf.training.trunk_cache import StaleCacheError, TrunkCache
+from stackwise_hf.training.trunk_cache import FORMAT_VERSION, MANIFEST, CorruptCacheError, StaleCacheError, TrunkCache
 from tiny import synthetic_blocks, tiny_experiment, tiny_mlm_rack, tiny_rack
 
 
@@ -169,3 +170,20 @@ def test_depth_as_time_rebuilds_the_cache_at_each_stage(tmp_path):
     # The mask ratio changes with the stage, so the trunk's input does: never extended, rebuilt.
     assert [r["action"] for r in records] == ["skipped", "built", "built"]
     assert "inputs changed" in records[2]["reason"] and records[2]["stacks_run"] == [0, 1]
+
+
+@pytest.mark.parametrize("split, shard", [("train", "../outside.safetensors"), ("../train", "hidden-0.safetensors"),
+                                          ("train", "/etc/passwd"), ("train", 7)])
+def test_a_cache_manifest_naming_paths_outside_its_folder_is_refused(tmp_path, split, shard):
+    manifest = {"format_version": FORMAT_VERSION, "fingerprint": {"stacks": []},
+                "splits": {split: {"shards": [{"file": shard, "start": 0, "stop": 1}], "rows": 1, "dtype": "float32"}}}
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CorruptCacheError, match="not a plain file name inside the cache folder"):
+        TrunkCache(directory=tmp_path)
+
+
+def test_a_cache_of_an_unknown_version_is_not_read(tmp_path, caplog):
+    (tmp_path / MANIFEST).write_text(json.dumps({"format_version": 99, "fingerprint": {}, "splits": {}}))
+    with pytest.raises(StaleCacheError, match="no trunk cache manifest"):
+        TrunkCache.load(tmp_path)
+    assert "format_version 99; this library supports [1]" in caplog.text

@@ -42,6 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from ..errors import CorruptFileError
 from .arguments import parse_size
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,17 @@ SPLITS = ("train", "eval")
 
 class StaleCacheError(RuntimeError):
     """A stored trunk cache does not match the rack, data, masking or tokenizer it is asked to serve."""
+
+
+class CorruptCacheError(CorruptFileError):
+    """A stored trunk cache's manifest is unreadable or names a file outside its folder."""
+
+
+def _plain_name(name, where: str) -> str:
+    """A file or folder name read from a cache manifest: one plain path component, inside the folder."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+        raise CorruptCacheError(f"{where}: {name!r} is not a plain file name inside the cache folder; refused.")
+    return name
 
 
 @dataclass
@@ -324,14 +336,23 @@ class TrunkCache:
         path = os.path.join(self.directory, MANIFEST)
         if not os.path.isfile(path):
             return
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-        if manifest.get("format_version") != FORMAT_VERSION:
-            logger.warning("trunk cache: %s has format %r (expected %d); ignoring it.", path,
-                           manifest.get("format_version"), FORMAT_VERSION)
+        try:
+            with open(path, "rb") as f:
+                manifest = json.loads(f.read().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CorruptCacheError(f"{path}: not valid JSON ({err}).") from err
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        if version != FORMAT_VERSION:
+            # A cache written by another version is rebuilt, never read: its layout may differ.
+            logger.warning("trunk cache: %s has format_version %r; this library supports [%d]; ignoring it.", path,
+                           version, FORMAT_VERSION)
             return
-        self.stores = {s: _ShardStore(os.path.join(self.directory, s), d) for s, d in manifest["splits"].items()}
-        self.fingerprint = manifest["fingerprint"]
+        try:
+            self.stores = {_plain_name(s, path): _ShardStore(os.path.join(self.directory, s), d, path)
+                           for s, d in manifest["splits"].items()}
+            self.fingerprint = manifest["fingerprint"]
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise CorruptCacheError(f"{path}: not a valid trunk cache manifest ({err!r}).") from err
 
     # Fingerprints and sizes ------------------------------------------------------------------------
 
@@ -559,9 +580,11 @@ class _MemoryWriter:
 class _ShardStore:
     """Rows of one split in safetensors shards (tensor "hidden", rows [start, stop) per file)."""
 
-    def __init__(self, directory: str, description: dict):
+    def __init__(self, directory: str, description: dict, where: str = ""):
         self.directory = directory
         self.shards = description["shards"]  # [{"file", "start", "stop"}]
+        for shard in self.shards:
+            _plain_name(shard["file"], where or directory)
         self.rows = description["rows"]
         self.dtype = getattr(torch, description["dtype"])
         self._starts = [s["start"] for s in self.shards]
