@@ -33,6 +33,32 @@ def read_quantization_manifest(path):
     return _read_manifest(resolver_for(path))
 
 
+# bitsandbytes' CPU NF4 path repacks a 4-bit weight on its first forward and computes with its block scales
+# cast to bfloat16 (bitsandbytes/functional.py, `_convert_weight_packed_for_cpu`); which kernel a layer takes
+# depends on the machine and on whether it has run a train-mode forward. So a reloaded NF4 rack may compute logits that differ from the live rack's by the
+# rounding of those scales: measured up to ~3e-3 on logits of size ~0.3. Everything else round-trips exactly.
+# The same repacking rewrites the layer's stored codes in place (packed data, bfloat16 block scales, no nested
+# quantization) on the first forward in eval mode, so NF4 codes are compared only within one representation:
+# the logits are what is checked across a save and a reload.
+NF4_LOGIT_TOLERANCE = 1e-2
+
+
+# After a resume from a checkpoint, trained weights follow gradients computed through that other kernel path:
+# measured up to 8.3e-5 apart after 3 steps at lr 1e-3.
+NF4_RESUME_TOLERANCE = 1e-3
+
+
+def _codes_are_stable(backend, bits) -> bool:
+    return (backend, bits) != ("bitsandbytes", 4)
+
+
+def _assert_same_quantized_logits(actual, expected, bits, backend):
+    if (backend, bits) == ("bitsandbytes", 4):
+        torch.testing.assert_close(actual, expected, atol=NF4_LOGIT_TOLERANCE, rtol=0)
+    else:
+        assert torch.equal(actual, expected)
+
+
 def _trunk_codes(rack, stack_idx):
     from stackwise_hf.quantization import PROJECTIONS, _codes
 
@@ -83,9 +109,10 @@ def test_lora_trains_over_a_quantized_trunk_and_round_trips(tmp_path, backend, b
     other = tiny_rack(seed=7, **SHAPE)
     other.load_rack(tmp_path / "rack")
     assert quantized_stacks(other) == record
-    assert torch.equal(other(ids).logits, expected)
+    _assert_same_quantized_logits(other(ids).logits, expected, bits, backend)
     reloaded = _trunk_codes(other, 0)
-    assert all(torch.equal(after[k], reloaded[k].to(after[k].device)) for k in after)
+    if _codes_are_stable(backend, bits):
+        assert all(torch.equal(after[k], reloaded[k].to(after[k].device)) for k in after)
     # The directory is also a plain checkpoint: loads without quantization, close to the quantized rack.
     plain = tiny_rack(seed=7, **SHAPE)
     plain.load_rack_weights(tmp_path / "rack")
@@ -131,6 +158,11 @@ SCHEMES = [
 ]
 
 
+SCHEMES_BITS = {"int8": 8, "nf4": 4}
+# bitsandbytes quantizes in blocks of 64 input features: NF4 needs hidden and intermediate sizes it divides.
+NF4_MODEL = {"hidden_size": 64, "intermediate_size": 128}
+
+
 def _quantized_trainer(tmp_path, scheme: str, **training):
     from stackwise_hf.training import ProgressiveTrainer
     from tiny import synthetic_blocks, tiny_experiment
@@ -141,7 +173,7 @@ def _quantized_trainer(tmp_path, scheme: str, **training):
         {"grow": "append", "n_blocks": 1, "max_steps": 3, "trunk_quantization": scheme, "trunk_mode": "cache",
          "stack_adapter": {"r": 4}, "train": ["stack_adapter", "head"]},
     ]
-    return ProgressiveTrainer(tiny_experiment(tmp_path, stages, **training),
+    return ProgressiveTrainer(tiny_experiment(tmp_path, stages, model=NF4_MODEL if scheme == "nf4" else None, **training),
                               train_dataset=synthetic_blocks(32), eval_dataset=synthetic_blocks(8, seed=1))
 
 
@@ -167,7 +199,8 @@ def test_trunk_quantization_stages_train_save_and_resume_exactly(tmp_path, schem
             codes = _trunk_codes(trainer.rack, 0)
         trainer.run_stage(run)
         trainer.exit_stage(run)
-    assert all(torch.equal(v, _trunk_codes(trainer.rack, 0)[k]) for k, v in codes.items())
+    if _codes_are_stable("bitsandbytes" if scheme == "nf4" else "torchao", SCHEMES_BITS[scheme]):
+        assert all(torch.equal(v, _trunk_codes(trainer.rack, 0)[k]) for k, v in codes.items())
     result = trainer.finish()
     assert sorted(read_quantization_manifest(result.output_dir)) == [0, 1]
 
@@ -175,14 +208,34 @@ def test_trunk_quantization_stages_train_save_and_resume_exactly(tmp_path, schem
     reloaded.load_rack(result.output_dir)
     ids = tokens(vocab=96)
     assert sorted(quantized_stacks(reloaded)) == [0, 1]
-    assert torch.equal(reloaded.eval()(ids).logits, trainer.rack.eval()(ids).logits)
+    _assert_same_quantized_logits(reloaded.eval()(ids).logits, trainer.rack.eval()(ids).logits, SCHEMES_BITS[scheme],
+                                  "bitsandbytes" if scheme == "nf4" else "torchao")
 
     # Resuming from the end of stage 1 (trunk quantized) reaches the same weights bit for bit.
     stage_1 = next(c for c in trainer.list_checkpoints() if c["stage"] == 1 and c["kind"] == "stage_end")
     resumed = _quantized_trainer(tmp_path / "b", scheme, resume_from_checkpoint=stage_1["path"])
     resumed.train()
     assert sorted(quantized_stacks(resumed.rack)) == [0, 1]
-    assert state_dicts_equal(_plain_weights(resumed.rack), _plain_weights(trainer.rack))
+    if _codes_are_stable("bitsandbytes" if scheme == "nf4" else "torchao", SCHEMES_BITS[scheme]):
+        assert state_dicts_equal(_plain_weights(resumed.rack), _plain_weights(trainer.rack))
+    else:  # the resumed trunk computes through the repacked kernel path (see NF4_LOGIT_TOLERANCE)
+        a, b = _plain_weights(resumed.rack), _plain_weights(trainer.rack)
+        assert a.keys() == b.keys()
+        worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+        assert worst < NF4_RESUME_TOLERANCE
+
+
+def test_nf4_over_widths_bitsandbytes_cannot_block_is_refused_before_training(tmp_path):
+    from stackwise_hf.training import ProgressiveTrainer
+    from tiny import synthetic_blocks, tiny_experiment
+
+    stages = [{"max_steps": 1}, {"grow": "append", "n_blocks": 1, "max_steps": 1, "trunk_quantization": "nf4"}]
+    trainer = ProgressiveTrainer(tiny_experiment(tmp_path, stages), train_dataset=synthetic_blocks(16),
+                                 eval_dataset=synthetic_blocks(8, seed=1))
+    with pytest.raises(ValueError, match=r"stage stage_1: `trunk_quantization: nf4` quantizes in blocks of 64 input "
+                                         r"features \(bitsandbytes\); this rack's \{'hidden_size': 32, "):
+        trainer.setup()
+    assert trainer.state.global_step == 0
 
 
 @pytest.mark.parametrize(

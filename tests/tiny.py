@@ -42,8 +42,10 @@ def synthetic_blocks(n: int = 64, length: int = 16, vocab: int = 96, seed: int =
     return [{"input_ids": row} for row in (starts + steps * torch.arange(length)) % vocab]
 
 
-def tiny_experiment(tmp_path, stages: list[dict], **training):
-    """An ExperimentConfig over a tiny model config for trainer tests (datasets are passed separately)."""
+def tiny_experiment(tmp_path, stages: list[dict], model: dict | None = None, **training):
+    """An ExperimentConfig over a tiny model config for trainer tests (datasets are passed separately);
+    `model` overrides fields of the model config."""
+    overrides = model
     from stackwise_hf.training import ExperimentConfig
 
     fields = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, per_device_eval_batch_size=8,
@@ -51,4 +53,5 @@ def tiny_experiment(tmp_path, stages: list[dict], **training):
     fields.update(training)
     model = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                  stack_sizes=[1], max_position_embeddings=64)
+    model.update(overrides or {})
     return ExperimentConfig.from_dict({"model": model, "training": fields, "stages": stages})

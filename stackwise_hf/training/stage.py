@@ -93,6 +93,25 @@ def trunk_on_host(stage: ResolvedStage, device_type: str, num_processes: int) ->
             and num_processes == 1)
 
 
+NF4_BLOCK = 64  # bitsandbytes quantizes NF4 weights in blocks of 64 input features
+
+
+def check_trunk_quantization(config, schedule: list[ResolvedStage]) -> None:
+    """Refuses, before training, NF4 stages over a rack whose projections bitsandbytes cannot block: every
+    projection's input width must be a whole number of 64-feature blocks (its CPU kernels reshape the block
+    scales per row, and fail deep inside evaluation otherwise)."""
+    widths = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+              "num_attention_heads * head_dim": config.num_attention_heads * config.head_dim}
+    bad = {name: width for name, width in widths.items() if width % NF4_BLOCK}
+    for stage in schedule:
+        if stage.config.trunk_quantization == "nf4" and bad:
+            raise ValueError(
+                f"stage {stage.name}: `trunk_quantization: nf4` quantizes in blocks of {NF4_BLOCK} input features "
+                f"(bitsandbytes); this rack's {bad} are not multiples of {NF4_BLOCK}. Use `int8`, or a rack whose "
+                "widths are."
+            )
+
+
 def grow_for_stage(rack, stage: ResolvedStage) -> None:
     """Applies the stage's growth, adapters and trunk precision to the rack (once, on stage entry)."""
     config = stage.config

@@ -50,6 +50,7 @@ from .schedule import ResolvedStage, StageConfig, resolve_schedule
 from .stage import (
     StageModule,
     StageRun,
+    check_trunk_quantization,
     count_parameters,
     first_trained_stack,
     grow_for_stage,
@@ -129,6 +130,7 @@ class ProgressiveTrainer(GuideTrainerMixin):
             self.rack = self._build_rack()
         self.schedule = resolve_schedule(self.experiment.stages, self.rack.config.stack_sizes, self.args.max_stacks)
         self._check_objectives()
+        check_trunk_quantization(self.rack.config, self.schedule)
         self.rack.to(self.accelerator.device)
         if self.accelerator.trackers == [] and resolve_trackers(self.args.report_to):
             self.accelerator.init_trackers(self.args.project_name, config=_flat_config(self.experiment))
