@@ -89,7 +89,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         info = push_checkpoint_to_hub(args.path, args.repo_id, path_in_repo=args.path_in_repo or "", **common)
     else:
         info = push_rack_folder_to_hub(args.path, args.repo_id, training_run=args.training_run or _run_dir_of(args.path),
-                                       **common)
+                                       remote_code=not args.no_remote_code, **common)
     print(f"pushed {args.path} to {info.pr_url or info.commit_url}")
     return 0
 
@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--token", help="Hub token (default: the logged-in one / HF_TOKEN)")
     push.add_argument("--training-run", help="run directory with log.jsonl and loss.png for the model card "
                                              "(default: PATH's parent when it holds log.jsonl)")
+    push.add_argument("--no-remote-code", action="store_true",
+                      help="push the rack without its modeling code (by default it carries it, so "
+                           "trust_remote_code=True loads it without stackwise_hf)")
     push.add_argument("--checkpoint", action="store_true", help="push PATH as a training checkpoint")
     push.add_argument("--path-in-repo", help="with --checkpoint: folder in the repo (default: the root)")
     push.set_defaults(func=cmd_push)

@@ -16,7 +16,7 @@ adapters/<name>/adapter_config.json, adapters/<name>/adapter_model.safetensors  
 tokenizer.json, tokenizer_config.json, ...                # when a tokenizer is pushed with it
 README.md                               # model card: YAML metadata and a table of stacks
 loss.png                                # the run's loss plot, when a training run is given
-configuration_stackwise.py, modeling_stackwise.py, ...    # layout.REMOTE_CODE_FILES, after register_for_auto_class
+configuration_stackwise.py, modeling_stackwise.py, ...    # layout.REMOTE_CODE_FILES, unless remote_code=False
 ```
 
 Atomicity. Every push is one `HfApi.create_commit`: the files are prepared first (in a temporary
@@ -26,11 +26,10 @@ file and deletes the weight and adapter files the new index and manifest no long
 failed upload or commit leaves the branch where it was (the error says so, after reading the head
 again); and a push that raced with another writer fails (HTTP 412) instead of mixing two racks.
 
-Code on the Hub. After `StackWiseConfig.register_for_auto_class()` and
-`StackWiseForCausalLM.register_for_auto_class("AutoModelForCausalLM")`, a saved or pushed rack carries
-exactly the modules `layout.REMOTE_CODE_FILES` names, which import only torch, transformers,
+Code on the Hub. By default a saved or pushed rack carries exactly the modules
+`layout.REMOTE_CODE_FILES` names and an `auto_map` in its config; they import only torch, transformers,
 huggingface_hub and safetensors, so `trust_remote_code=True` loads the rack where stackwise_hf is not
-installed.
+installed (`remote_code=False`, `stackwise push --no-remote-code` leave the code out).
 """
 
 from __future__ import annotations
@@ -54,7 +53,9 @@ from .layout import (
     CONFIG_NAME,
     INDEX_NAME,
     LOSS_PLOT_NAME,
+    REMOTE_CODE_FILES,
     WEIGHT_FILE,
+    remote_code_auto_map,
 )
 from .model_card import render_card, rows_from_card, stack_rows, training_by_stack, with_training
 from .rack_files import check_same_architecture, write_adapters, write_rack, write_stack
@@ -226,7 +227,8 @@ def _training_inputs(training_run, loss_plot) -> tuple[dict[int, dict], str | No
 
 def push_rack_folder_to_hub(path: str | os.PathLike, repo_id: str, options: PushOptions | None = None, *,
                             tags: list[str] | None = None, training_run=None,
-                            loss_plot: str | os.PathLike | None = None, **option_fields):
+                            loss_plot: str | os.PathLike | None = None, remote_code: bool | None = None,
+                            **option_fields):
     """Pushes a saved rack directory (`save_rack`, or a run's `final/`) with a generated model card,
     in one commit. `path` is only read.
 
@@ -240,6 +242,9 @@ def push_rack_folder_to_hub(path: str | os.PathLike, repo_id: str, options: Push
         training_run: a training output directory (with `log.jsonl`, and `loss.png` when drawn), or the
             run's log records, for the card's tokens trained and eval loss per stack.
         loss_plot: a PNG to show in the card; defaults to the run directory's `loss.png`.
+        remote_code (`bool`, *optional*): True: the pushed rack carries this package's modeling code and an
+            `auto_map` (added when the folder lacks them); False: it carries neither (and the repo's copy of
+            the code is deleted); None (default): the folder is pushed as it is.
 
     Returns:
         huggingface_hub's `CommitInfo` (`commit_url`, `oid`, `pr_url`).
@@ -253,6 +258,8 @@ def push_rack_folder_to_hub(path: str | os.PathLike, repo_id: str, options: Push
         config = json.load(f)
     training, plot = _training_inputs(training_run, loss_plot)
     files = _folder_files(path)
+    if remote_code is not None:
+        config = _with_remote_code(files, config, remote_code)
     local_card = files.pop(CARD_NAME, None)
     target = _open_target(repo_id, options, create=True)
     if local_card is not None:
@@ -267,12 +274,33 @@ def push_rack_folder_to_hub(path: str | os.PathLike, repo_id: str, options: Push
     )
     operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=local) for p, local in files.items()]
     operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode()))
+    if remote_code is not None:  # the config as amended above, in place of the folder's
+        operations = [op for op in operations if op.path_in_repo != CONFIG_NAME]
+        operations.append(CommitOperationAdd(path_in_repo=CONFIG_NAME, path_or_fileobj=json_text(config).encode()))
     if plot is not None:
         operations.append(CommitOperationAdd(path_in_repo=LOSS_PLOT_NAME, path_or_fileobj=plot))
     pushed = {op.path_in_repo for op in operations}
-    stale = sorted(f for f in target.files - pushed if WEIGHT_FILE.match(f) or f.startswith(f"{ADAPTERS_DIR}/"))
+    stale = sorted(f for f in target.files - pushed if WEIGHT_FILE.match(f) or f.startswith(f"{ADAPTERS_DIR}/")
+                   or (remote_code is False and f in REMOTE_CODE_FILES))
     operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
     return _commit(target, operations, _describe_rack_push(config, files), options)
+
+
+def _with_remote_code(files: dict[str, str], config: dict, remote_code: bool) -> dict:
+    """Adds this package's `REMOTE_CODE_FILES` to `files` and an `auto_map` to (a copy of) `config`, or
+    removes both; returns the config to push."""
+    config = dict(config)
+    package = os.path.dirname(os.path.abspath(__file__))
+    for name in REMOTE_CODE_FILES:
+        if remote_code:
+            files[name] = os.path.join(package, name)
+        else:
+            files.pop(name, None)
+    if remote_code:
+        config["auto_map"] = remote_code_auto_map((config.get("architectures") or [""])[0])
+    else:
+        config.pop("auto_map", None)
+    return config
 
 
 def _remote_card(target: _Target) -> str | None:
@@ -297,16 +325,16 @@ def _describe_rack_push(config: dict, files: dict[str, str]) -> str:
 
 def push_rack_to_hub(rack, repo_id: str, options: PushOptions | None = None, *, max_shard_size: int | str = "5GB",
                      tokenizer=None, tags: list[str] | None = None, training_run=None,
-                     loss_plot: str | os.PathLike | None = None, **option_fields):
+                     loss_plot: str | os.PathLike | None = None, remote_code: bool = True, **option_fields):
     """Saves the whole rack (`rack_files.write_rack`: weights in per-stack shards, quantized stacks,
-    adapters, and the modeling code when registered for an auto class) and `tokenizer` to a temporary
+    adapters, and the modeling code unless `remote_code=False`) and `tokenizer` to a temporary
     directory and pushes it with `push_rack_folder_to_hub`, in one commit."""
     with tempfile.TemporaryDirectory(prefix="stackwise-push-") as tmp:
-        write_rack(rack, tmp, max_shard_size=max_shard_size)
+        write_rack(rack, tmp, max_shard_size=max_shard_size, remote_code=remote_code)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         return push_rack_folder_to_hub(tmp, repo_id, options, tags=tags, training_run=training_run,
-                                       loss_plot=loss_plot, **option_fields)
+                                       loss_plot=loss_plot, remote_code=remote_code, **option_fields)
 
 
 # One stack -------------------------------------------------------------------------------------------

@@ -101,8 +101,8 @@ CODES_FILE = re.compile(r"^quantized-stack\d{3}\.safetensors$")
 CARD_NAME = "README.md"
 LOSS_PLOT_NAME = "loss.png"
 
-# What a rack saved after `register_for_auto_class` ships for `trust_remote_code=True`: exactly these
-# modules of the package, copied beside config.json. They import only torch, transformers,
+# What a rack saved for sharing ships for `trust_remote_code=True` (by default; `remote_code=False` turns
+# it off): exactly these modules of the package, copied beside config.json. They import only torch, transformers,
 # huggingface_hub and safetensors outside `try` blocks, and every relative import among them names
 # one of them (tests/test_remote_code.py checks both, the way transformers reads them: it follows
 # `from .x import y` lines, not `from . import x`). Modules that need more (adapters: peft;
@@ -123,3 +123,20 @@ REMOTE_CODE_FILES = (
     "errors.py",
     "layout.py",
 )
+
+# The `auto_map` a rack saved with its code carries in config.json: the config, the base model, and the
+# rack's own task class (keyed by the class name in `architectures`), all in the shipped modules.
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_stackwise.StackWiseConfig",
+    "AutoModel": "modeling_stackwise.StackWiseModel",
+}
+REMOTE_CODE_TASK_CLASSES = {
+    "StackWiseForCausalLM": "AutoModelForCausalLM",
+    "StackWiseForMaskedLM": "AutoModelForMaskedLM",
+}
+
+
+def remote_code_auto_map(architecture: str) -> dict[str, str]:
+    """`auto_map` for a rack of class `architecture` whose modeling code ships beside its config."""
+    task = REMOTE_CODE_TASK_CLASSES.get(architecture)
+    return {**REMOTE_CODE_AUTO_MAP, **({task: f"modeling_stackwise.{architecture}"} if task else {})}

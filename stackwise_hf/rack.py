@@ -132,9 +132,13 @@ class RackMixin(GuideRackMixin):
         state_dict: dict | None = None,
         push_to_hub: bool = False,
         max_shard_size: int | str = "5GB",
+        remote_code: bool = True,
         **kwargs,
     ) -> None:
-        """Writes config, generation config and per-stack sharded safetensors with a standard index.
+        """Writes config, generation config, per-stack sharded safetensors with a standard index, and the
+        modeling code (`layout.REMOTE_CODE_FILES`, with an `auto_map`), so that
+        `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads it without this package;
+        `remote_code=False` leaves the code out.
 
         Same contract as `PreTrainedModel.save_pretrained`, which this replaces only to keep every
         shard within one stack (transformers shards by size alone). Adapters are not written here:
@@ -147,10 +151,12 @@ class RackMixin(GuideRackMixin):
         if push_to_hub:
             # As transformers does: save here, then push (the push writes the full rack: adapters, card).
             repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
-            self.save_pretrained(save_directory, state_dict=state_dict, max_shard_size=max_shard_size)
-            self.push_to_hub(repo_id, max_shard_size=max_shard_size, **kwargs)
+            self.save_pretrained(save_directory, state_dict=state_dict, max_shard_size=max_shard_size,
+                                 remote_code=remote_code)
+            self.push_to_hub(repo_id, max_shard_size=max_shard_size, remote_code=remote_code, **kwargs)
             return None
-        write_rack(self, save_directory, max_shard_size=max_shard_size, state_dict=state_dict, complete=False)
+        write_rack(self, save_directory, max_shard_size=max_shard_size, state_dict=state_dict, complete=False,
+                   remote_code=remote_code)
         return None
 
     def save_stack(self, stack_idx: int, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> str:
@@ -190,11 +196,11 @@ class RackMixin(GuideRackMixin):
         read_rack_weights(self, resolver_for(path, **hub_kwargs), path)
         return True
 
-    def save_rack(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> str:
-        """Saves the complete rack: weights (`save_pretrained` layout) plus every adapter in peft format
-        under `adapters/<name>/` with a manifest, and for quantized stacks their exact codes and
-        `quantization.json`. Returns the directory."""
-        return write_rack(self, path, max_shard_size=max_shard_size)
+    def save_rack(self, path: str | os.PathLike, max_shard_size: int | str = "5GB", remote_code: bool = True) -> str:
+        """Saves the complete rack: weights and modeling code (`save_pretrained` layout) plus every adapter in
+        peft format under `adapters/<name>/` with a manifest, and for quantized stacks their exact codes
+        and `quantization.json`. Returns the directory."""
+        return write_rack(self, path, max_shard_size=max_shard_size, remote_code=remote_code)
 
     def load_rack(self, path: str | os.PathLike, **hub_kwargs) -> bool:
         """Restores a rack saved with `save_rack` in place: weights, stack layout, dtypes and adapters,
@@ -232,11 +238,13 @@ class RackMixin(GuideRackMixin):
         tokenizer=None,
         training_run=None,
         loss_plot: str | os.PathLike | None = None,
+        remote_code: bool = True,
         **option_fields,
     ):
         """Pushes the whole rack to a Hub repo in one commit: config, per-stack shards and index, adapters
-        in peft's layout, the tokenizer when given, the modeling code when the classes are registered
-        for auto classes, and a model card with a table of stacks. Remote shard and adapter files the new
+        in peft's layout, the tokenizer when given, the modeling code (unless `remote_code=False`: then
+        `trust_remote_code=True` cannot load it where this package is not installed), and a model card
+        with a table of stacks. Remote shard and adapter files the new
         save no longer has are deleted in the same commit.
 
         Args:
@@ -260,7 +268,8 @@ class RackMixin(GuideRackMixin):
         ```
         """
         return push_rack_to_hub(self, repo_id, options, max_shard_size=max_shard_size, tokenizer=tokenizer,
-                                    tags=tags, training_run=training_run, loss_plot=loss_plot, **option_fields)
+                                tags=tags, training_run=training_run, loss_plot=loss_plot, remote_code=remote_code,
+                                **option_fields)
 
     def push_stack_to_hub(self, stack_idx: int, repo_id: str, options: PushOptions | None = None, *,
                           max_shard_size: int | str = "5GB", training_run=None, **option_fields):

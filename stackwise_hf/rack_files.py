@@ -28,6 +28,7 @@ from .layout import (
     QUANTIZATION_MANIFEST,
     REMOTE_CODE_FILES,
     codes_file,
+    remote_code_auto_map,
 )
 from .resolver import Resolver, has_file, resolver_for
 from .serialization import (
@@ -65,14 +66,14 @@ ARCHITECTURE_FIELDS = (
 
 
 def write_rack(rack, directory, *, max_shard_size: int | str = "5GB", state_dict: dict | None = None,
-               complete: bool = True) -> str:
-    """Writes the rack to `directory`: config (and generation config, and the modeling code when the
-    class is registered for an auto class), weights in per-stack shards with their index, and, when
+               complete: bool = True, remote_code: bool = True) -> str:
+    """Writes the rack to `directory`: config and generation config, the modeling code unless
+    `remote_code=False` (`ship_remote_code`), weights in per-stack shards with their index, and, when
     `complete`, the quantized stacks' codes and manifest and the adapters. `complete=False` is what
     `save_pretrained` writes. Quantized stacks' weights are written dequantized, in their stack dtype."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    _write_config(rack, directory)
+    _write_config(rack, directory, remote_code)
     save_weights(
         _state_dict_to_write(rack) if state_dict is None else state_dict, directory, max_shard_size,
         stack_meta=_stack_meta(rack), total_parameters=rack.num_parameters(),
@@ -103,9 +104,11 @@ def _stack_meta(rack) -> dict[int, dict]:
             for i, (n, d) in enumerate(zip(rack.config.stack_sizes, rack.config.stack_dtypes))}
 
 
-def _write_config(rack, directory: str) -> None:
-    if getattr(rack, "_auto_class", None) is not None:
+def _write_config(rack, directory: str, remote_code: bool) -> None:
+    if remote_code:
         ship_remote_code(rack, directory)
+    else:
+        drop_remote_code(rack, directory)
     rack.config.architectures = [type(rack).__name__]
     rack.config.dtype = dtype_name(rack.base_model.embed_tokens.weight.dtype)
     rack.config.save_pretrained(directory)
@@ -114,16 +117,29 @@ def _write_config(rack, directory: str) -> None:
 
 
 def ship_remote_code(rack, directory: str) -> list[str]:
-    """Copies `layout.REMOTE_CODE_FILES` (exactly those) beside the config and maps the rack's auto
-    class to its class in them, for `trust_remote_code=True`. What transformers' `custom_object_save`
-    does, except that the files are a fixed list rather than whatever the import lines reach."""
+    """Copies `layout.REMOTE_CODE_FILES` (exactly those) beside the config and sets the config's `auto_map`
+    (`layout.remote_code_auto_map`, plus the class a user registered with `register_for_auto_class`), so
+    `AutoModelFor...from_pretrained(directory, trust_remote_code=True)` loads the rack where this package
+    is not installed. What transformers' `custom_object_save` does, except that the files are a fixed
+    list rather than whatever the import lines reach."""
     package = os.path.dirname(os.path.abspath(__file__))
     for name in REMOTE_CODE_FILES:
         shutil.copyfile(os.path.join(package, name), os.path.join(directory, name))
-    module = type(rack).__module__.rsplit(".", 1)[-1]
-    rack.config.auto_map = {**(getattr(rack.config, "auto_map", None) or {}),
-                            rack._auto_class: f"{module}.{type(rack).__name__}"}
+    auto_map = remote_code_auto_map(type(rack).__name__)
+    if getattr(rack, "_auto_class", None) is not None:
+        auto_map[rack._auto_class] = f"modeling_stackwise.{type(rack).__name__}"
+    rack.config.auto_map = auto_map
     return list(REMOTE_CODE_FILES)
+
+
+def drop_remote_code(rack, directory: str) -> None:
+    """The opposite of `ship_remote_code`: no `auto_map` in the config, no shipped module left in
+    `directory` from an earlier save."""
+    if hasattr(rack.config, "auto_map"):
+        del rack.config.auto_map
+    for name in REMOTE_CODE_FILES:
+        if os.path.isfile(os.path.join(directory, name)):
+            os.remove(os.path.join(directory, name))
 
 
 def _write_quantization(rack, directory: str) -> None:

@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard
 from hub_server import USER
 from transformers import AutoModelForCausalLM
 
-from stackwise_hf import CorruptFileError, ShapeMismatchError, StackWiseConfig, StackWiseForCausalLM
+from stackwise_hf import CorruptFileError, ShapeMismatchError, StackWiseForCausalLM
 from stackwise_hf.hub import (
     HubConnectionError,
     HubError,
@@ -103,12 +103,13 @@ def test_push_then_pull_rack_with_adapters_and_tokenizer_gives_identical_logits(
 
     commit = _head(hub_server, repo_id)
     assert info.oid == commit.oid and len(hub_server.commits(repo_id)) == 2  # the Hub's initial commit + one push
-    assert commit.message == "Upload rack: 2 stacks of [2, 1] blocks, adapters stack_1, tokenizer"
-    assert _files(hub_server, repo_id) == [
+    assert commit.message == "Upload rack: 2 stacks of [2, 1] blocks, adapters stack_1, tokenizer, modeling code"
+    assert _files(hub_server, repo_id) == sorted([
         ".gitattributes", "README.md", "adapters/stack_1/adapter_config.json", "adapters/stack_1/adapter_model.safetensors",
         "adapters/stackwise_adapters.json", "config.json", "generation_config.json", "loss.png", "model-rack.safetensors",
         "model-stack000.safetensors", "model-stack001.safetensors", INDEX_NAME, "tokenizer.json", "tokenizer_config.json",
-    ]
+        *REMOTE_CODE_FILES,  # by default a rack carries its modeling code
+    ])
     card = hub_server.file_bytes(repo_id, "README.md").decode()
     rows = rows_from_card(card)
     assert [(r["blocks"], r["dtype"], r["adapters"], r["tokens_trained"], r["eval_loss"]) for r in rows] == [
@@ -163,7 +164,8 @@ def test_push_updates_an_existing_repo_in_one_commit_dropping_stale_shards(hub_s
     rack.model.stacks[0].blocks[0].mlp.up_proj.weight.data += 1
     rack.push_to_hub(repo_id, commit_message="Bigger shards")
     commits = hub_server.commits(repo_id)
-    assert [c.message for c in commits] == ["Bigger shards", "Upload rack: 2 stacks of [2, 1] blocks", "initial commit"]
+    assert [c.message for c in commits] == ["Bigger shards", "Upload rack: 2 stacks of [2, 1] blocks, modeling code",
+                                            "initial commit"]
     assert [f for f in _files(hub_server, repo_id) if f.endswith(".safetensors")] == [
         "model-rack.safetensors", "model-stack000.safetensors", "model-stack001.safetensors"]
     assert set(commits[0].deleted) == {f for f in first if "-of-" in f}
@@ -415,11 +417,7 @@ _REMOTE_CODE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_trust_remote_code_loads_the_rack_without_the_package(hub_server, tmp_path, monkeypatch):
-    monkeypatch.setattr(StackWiseConfig, "_auto_class", None)
-    monkeypatch.setattr(StackWiseForCausalLM, "_auto_class", None)
-    StackWiseConfig.register_for_auto_class()
-    StackWiseForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+def test_trust_remote_code_loads_the_rack_without_the_package(hub_server, tmp_path):
     rack = tiny_rack(stack_sizes=[2, 1], stack_dtypes=["float32", "bfloat16"])
     rack.push_to_hub("remote-code")
     repo_id = f"{USER}/remote-code"
@@ -430,6 +428,7 @@ def test_trust_remote_code_loads_the_rack_without_the_package(hub_server, tmp_pa
         "stacks.py"]
     config = json.loads(hub_server.file_bytes(repo_id, "config.json"))
     assert config["auto_map"] == {"AutoConfig": "configuration_stackwise.StackWiseConfig",
+                                  "AutoModel": "modeling_stackwise.StackWiseModel",
                                   "AutoModelForCausalLM": "modeling_stackwise.StackWiseForCausalLM"}
     assert "custom_code" in ModelCard(hub_server.file_bytes(repo_id, "README.md").decode()).data.tags
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from stackwise_hf import StackWiseConfig, StackWiseForCausalLM
 from stackwise_hf.data import train_bpe_tokenizer
 from tiny import tiny_rack
 
@@ -45,12 +44,7 @@ def rack_dir(tmp_path_factory):
     tokenizer = train_bpe_tokenizer(TEXTS * 4, vocab_size=300)
     rack = tiny_rack(vocab_size=320, stack_sizes=[2, 1], stack_dtypes=["float32", "float32"],
                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    with pytest.MonkeyPatch.context() as patch:  # the rack ships its modeling code
-        patch.setattr(StackWiseConfig, "_auto_class", None)
-        patch.setattr(StackWiseForCausalLM, "_auto_class", None)
-        StackWiseConfig.register_for_auto_class()
-        StackWiseForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-        rack.save_pretrained(root / "rack")
+    rack.save_pretrained(root / "rack")  # with its modeling code, for trust_remote_code=True
     tokenizer.save_pretrained(root / "rack")
     (root / "tasks").mkdir()
     (root / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))

@@ -58,6 +58,8 @@ class TrainingArguments:
         compile_blocks (`bool`): `torch.compile` each block of the trained stacks.
         plot (`bool`): draw `loss.png` (train and eval loss per step, stage boundaries marked).
         project_name (`str`): tracker project name.
+        remote_code (`bool`): save the final rack with its modeling code, so `trust_remote_code=True` loads
+            it where stackwise_hf is not installed (`lm_eval --model hf`, a colleague's notebook).
         push_to_hub (`bool`): push to the Hub repo `hub_model_id` while training, from a background thread
             (`training/hub_sync.py`): checkpoints per `hub_strategy`, and the final rack at the end. A failed
             push logs a warning; training goes on and the next save pushes again.
@@ -104,6 +106,7 @@ class TrainingArguments:
     compile_blocks: bool = False
     plot: bool = True
     project_name: str = "stackwise"
+    remote_code: bool = True
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_strategy: str = "every_save"

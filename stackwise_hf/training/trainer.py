@@ -251,7 +251,7 @@ class ProgressiveTrainer(GuideTrainerMixin):
             self.trunk_cache.offloaded = []
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            self.rack.save_rack(final_dir)
+            self.rack.save_rack(final_dir, remote_code=self.args.remote_code)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(final_dir)
             if self.args.plot:
