@@ -13,10 +13,10 @@ from typing import Any
 from ..adapters import AdapterSettings
 from ..config_io import check_choice, check_positive
 from ..configuration_stackwise import canonical_dtype
+from ..growth import INIT_MODES
 from .objectives import OBJECTIVES
 
 GROW = (None, "append", "prepend")
-INITS = ("random", "copy", "identity")
 TRAIN_PARTS = ("stack", "head", "embeddings", "stack_adapter", "trunk_adapter", "all")
 TRUNK_MODES = ("recompute", "cache")
 TRUNK_QUANTIZATIONS = ("int8", "nf4")
@@ -87,7 +87,7 @@ class StageConfig:
 
     def __post_init__(self):
         check_choice("grow", self.grow, GROW)
-        check_choice("init", self.init, INITS)
+        check_choice("init", self.init, INIT_MODES)
         check_choice("trunk_mode", self.trunk_mode, TRUNK_MODES)
         if self.trunk_quantization is not None:
             check_choice("trunk_quantization", self.trunk_quantization, TRUNK_QUANTIZATIONS)
