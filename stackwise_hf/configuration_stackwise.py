@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import os
-from dataclasses import field
 from typing import Any
 
+import yaml
 from transformers import PreTrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 # Canonical per-stack dtype names and the aliases users write for them (the original system's
 # "precision" names among them: "full", "half").
@@ -27,22 +29,6 @@ DTYPE_ALIASES: dict[str, str] = {
 STACK_DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_MODES = ("causal", "bidirectional")
 
-# Keys transformers itself may hand to a config's constructor besides the fields (from a saved
-# config.json or from `from_pretrained`); anything else is a misspelt or foreign field.
-_TRANSFORMERS_KWARGS = {
-    "torch_dtype",
-    "num_labels",
-    "name_or_path",
-    "output_attentions",
-    "attn_implementation",
-    "experts_implementation",
-    "transformers_version",
-    "auto_map",
-    "model_type",
-    "rope_scaling",
-    "use_return_dict",
-    "num_hidden_layers",
-}
 
 
 def canonical_dtype(value: Any, field_name: str = "dtype") -> str:
@@ -76,18 +62,28 @@ class StackWiseConfig(PreTrainedConfig):
             Must divide `num_attention_heads`.
         head_dim (`int`, *optional*): width of one head; defaults to `hidden_size // num_attention_heads`.
         rope_theta (`float`, defaults to 10000.0): base of the rotary embedding frequencies.
+        rope_parameters (`dict`, *optional*): the RoPE variant, as in `LlamaConfig.rope_parameters`:
+            `{"rope_type": "default" | "linear" | "dynamic" | "yarn" | "longrope" | "llama3", ...}` with that
+            type's fields (`factor`, ...). The legacy name `rope_scaling` is accepted. `rope_theta` fills
+            `rope_parameters["rope_theta"]` when the dict does not set it.
         max_position_embeddings (`int`, defaults to 2048): longest sequence the rack is meant for.
-        rms_norm_eps (`float`, defaults to 1e-6): epsilon of every RMSNorm.
+        rms_norm_eps (`float`, defaults to 1e-6): epsilon of every RMSNorm (any positive number).
         initializer_range (`float`, defaults to 0.02): std of the normal init of linear and embedding weights.
         tie_word_embeddings (`bool`, defaults to `False`): share the input embedding with the LM head.
-        stack_sizes (`list[int]`, defaults to `[2, 2]`): number of blocks in each stack, input side first.
-            The rack has `sum(stack_sizes)` blocks (`num_hidden_layers`).
+        stack_sizes (`list[int]`, *optional*): number of blocks in each stack, input side first. The rack
+            has `sum(stack_sizes)` blocks (`num_hidden_layers`). `[]` is an empty rack (embeddings, final
+            norm and head: a valid model to grow stacks on). Defaults to `[num_hidden_layers]` when
+            `num_hidden_layers` is given (a Llama-style config is one stack), else to `[2, 2]`.
         stack_dtypes (`list[str]`, *optional*): dtype each stack holds its weights in, one of
             "float32", "bfloat16", "float16" (aliases "full", "half", "bf16", "fp16" accepted).
             Defaults to "float32" for every stack.
         attention_mode (`str`, defaults to `"causal"`): "causal" for the causal LM head, "bidirectional"
             for masked LM and masked-diffusion objectives.
         mask_token_id (`int`, *optional*): id of the mask token for masked objectives.
+
+    Any other keyword is kept as an attribute and saved in `config.json`, as every transformers config
+    does; `from_yaml` (and the experiment file's `model:` section) rejects unknown keys instead, since
+    there a key that is not a field is a typo.
 
     Example:
 
@@ -114,7 +110,8 @@ class StackWiseConfig(PreTrainedConfig):
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
-    stack_sizes: list[int] = field(default_factory=lambda: [2, 2])
+    rope_parameters: dict | None = None
+    stack_sizes: list[int] | None = None
     stack_dtypes: list[str] | None = None
     attention_mode: str = "causal"
     use_cache: bool = True
@@ -124,27 +121,47 @@ class StackWiseConfig(PreTrainedConfig):
     mask_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
-        unknown = sorted(k for k in kwargs if k not in _TRANSFORMERS_KWARGS and not k.startswith("_"))
-        if unknown:
-            raise ValueError(
-                f"StackWiseConfig got unknown field(s) {unknown}; allowed fields are {sorted(self._field_names())}."
-            )
         declared_layers = kwargs.pop("num_hidden_layers", None)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.stack_sizes is None:
+            self.stack_sizes = [declared_layers] if declared_layers is not None else [2, 2]
+        if not isinstance(self.stack_sizes, (list, tuple)):
+            raise ValueError(f"`stack_sizes` must be a list of positive integers; got {self.stack_sizes!r}.")
         self.stack_sizes = [_as_int("stack_sizes", n) for n in self.stack_sizes]
         if self.stack_dtypes is None:
             self.stack_dtypes = ["float32"] * len(self.stack_sizes)
         self.stack_dtypes = [canonical_dtype(d, "stack_dtypes") for d in self.stack_dtypes]
+        if self.rope_parameters is not None:
+            # Standardised in place by transformers below: never edit the caller's dict.
+            self.rope_parameters = copy.deepcopy(dict(self.rope_parameters))
+        # Also standardises `rope_parameters` (from `rope_scaling` too) and keeps unknown keys as attributes.
         super().__post_init__(**kwargs)
+        self.rope_theta = self.rope_parameters.get("rope_theta", self.rope_theta)
         self.validate()
         if declared_layers is not None and declared_layers != self.num_hidden_layers:
             raise ValueError(
                 f"`num_hidden_layers` ({declared_layers}) disagrees with sum(stack_sizes) = "
                 f"{self.num_hidden_layers} for stack_sizes={self.stack_sizes}."
             )
+
+    @classmethod
+    def from_fields(cls, values: dict, where: str = "") -> "StackWiseConfig":
+        """`cls(**values)` for a mapping written by hand (a YAML `model:` section): unlike the constructor,
+        which keeps any extra keyword as an attribute, an unknown key here is a typo and raises ValueError
+        naming it and the allowed fields."""
+        prefix = f"{where}: " if where else ""
+        unknown = sorted(k for k in values if k not in cls._field_names() and k != "num_hidden_layers")
+        if unknown:
+            raise ValueError(
+                f"{prefix}StackWiseConfig got unknown field(s) {unknown}; allowed fields are {sorted(cls._field_names())}."
+            )
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{prefix}{err}") from err
 
     @classmethod
     def _field_names(cls) -> set[str]:
@@ -157,6 +174,15 @@ class StackWiseConfig(PreTrainedConfig):
     def num_hidden_layers(self) -> int:
         """Total number of blocks in the rack (what Llama calls layers)."""
         return sum(self.stack_sizes)
+
+    @num_hidden_layers.setter
+    def num_hidden_layers(self, value: int) -> None:
+        # transformers' config tests accept NotImplementedError from a setter of a derived property.
+        if value != self.num_hidden_layers:
+            raise NotImplementedError(
+                f"`num_hidden_layers` is sum(stack_sizes) = {self.num_hidden_layers}; set `stack_sizes` to change "
+                f"the depth (got num_hidden_layers={value!r})."
+            )
 
     @property
     def num_stacks(self) -> int:
@@ -183,8 +209,8 @@ class StackWiseConfig(PreTrainedConfig):
             )
         if self.head_dim % 2:
             raise ValueError(f"`head_dim` must be even for rotary embeddings; got {self.head_dim}.")
-        if not self.stack_sizes or any(n <= 0 for n in self.stack_sizes):
-            raise ValueError(f"`stack_sizes` must be a non-empty list of positive integers; got {self.stack_sizes!r}.")
+        if any(n <= 0 for n in self.stack_sizes):
+            raise ValueError(f"`stack_sizes` must be a list of positive integers; got {self.stack_sizes!r}.")
         if len(self.stack_dtypes) != len(self.stack_sizes):
             raise ValueError(
                 f"`stack_dtypes` has {len(self.stack_dtypes)} entries but `stack_sizes` has "
@@ -194,8 +220,17 @@ class StackWiseConfig(PreTrainedConfig):
             raise ValueError(f"`attention_mode` must be one of {list(ATTENTION_MODES)}; got {self.attention_mode!r}.")
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
             raise ValueError(f"`rope_theta` must be a positive number; got {self.rope_theta!r}.")
-        if not (isinstance(self.rms_norm_eps, (int, float)) and 0 < self.rms_norm_eps < 1):
-            raise ValueError(f"`rms_norm_eps` must be in (0, 1); got {self.rms_norm_eps!r}.")
+        if isinstance(self.rms_norm_eps, bool) or not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
+            raise ValueError(f"`rms_norm_eps` must be a positive number; got {self.rms_norm_eps!r}.")
+        rope_type = self.rope_parameters.get("rope_type")
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(
+                f"`rope_parameters.rope_type` must be one of {['default', *ROPE_INIT_FUNCTIONS]}; got {rope_type!r}."
+            )
+        try:
+            self.validate_rope()  # transformers' own checks of each RoPE type's fields
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"`rope_parameters` {self.rope_parameters!r} is invalid: {err}") from err
         for name in ("pad_token_id", "bos_token_id", "mask_token_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
@@ -219,8 +254,6 @@ class StackWiseConfig(PreTrainedConfig):
         (`config.experiment_sections`, never written to `config.json`) for
         [`~stackwise_hf.training.ProgressiveTrainer`].
         """
-        import yaml
-
         with open(path, encoding="utf-8") as f:
             document = yaml.safe_load(f) or {}
         if not isinstance(document, dict):
@@ -229,18 +262,13 @@ class StackWiseConfig(PreTrainedConfig):
         if "model" in document:
             sections = {k: v for k, v in document.items() if k != "model"}
             document = document["model"] or {}
-        try:
-            config = cls(**{**document, **overrides})
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{path}: invalid model config: {err}") from err
+        config = cls.from_fields({**document, **overrides}, where=f"{path}: invalid model config")
         config.experiment_sections = sections
         config.experiment_path = os.fspath(path)
         return config
 
     def to_yaml(self, path: str | os.PathLike) -> None:
         """Writes the architecture fields (those that differ from the defaults, plus the stack layout) to YAML."""
-        import yaml
-
         data = self.to_diff_dict()
         for key in ("transformers_version", "model_type", "architectures", "dtype"):
             data.pop(key, None)

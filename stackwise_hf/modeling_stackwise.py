@@ -11,14 +11,25 @@ stack's dtype when they enter it. Growth, freezing and per-stack save/load are i
 
 from __future__ import annotations
 
+import copy
+import functools
+import warnings
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, MaskedLMOutput
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import can_return_tuple
 
 from .configuration_stackwise import StackWiseConfig
 from .rack import RackMixin
@@ -26,6 +37,21 @@ from .rack import RackMixin
 # transformers 5.24 renamed the cache kwarg and output field `past_key_values` to `cache`; 5.17-5.23
 # only know `past_key_values`. Forwards accept both names and outputs fill whichever field exists.
 _CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The cache passed under either name; a FutureWarning for the old name where transformers renamed it."""
+    if past_key_values is None:
+        return cache
+    if cache is not None:
+        raise ValueError("Pass the KV cache as `cache` or as `past_key_values`, not both.")
+    if _CACHE_FIELD == "cache":
+        warnings.warn(
+            "`past_key_values` is deprecated since transformers 5.24 renamed it; pass the KV cache as `cache=`.",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return past_key_values
 
 
 class StackWiseRMSNorm(nn.Module):
@@ -46,24 +72,41 @@ class StackWiseRMSNorm(nn.Module):
 
 
 class StackWiseRotaryEmbedding(nn.Module):
-    """Default RoPE; cos/sin are computed in float32 and cast by each stack to its own dtype."""
+    """RoPE of every type Llama supports (`config.rope_parameters["rope_type"]`), through transformers'
+    `ROPE_INIT_FUNCTIONS` and `dynamic_rope_update`. cos/sin come out in float32; each stack casts them
+    to its own dtype."""
 
     def __init__(self, config: StackWiseConfig):
         super().__init__()
         self.config = config
-        self.inv_freq = nn.Buffer(self.compute_inv_freq(config), persistent=False)
+        # Read by `dynamic_rope_update` ("dynamic" and "longrope" types).
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters["rope_type"]
+        inv_freq, self.attention_scaling = self.compute_rope_parameters(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_rope_parameters(config: StackWiseConfig) -> tuple[torch.Tensor, float]:
+        """(inverse frequencies of shape (head_dim / 2,), scaling factor of cos/sin) for the config's RoPE type."""
+        rope_type = config.rope_parameters["rope_type"]
+        if rope_type != "default":
+            return ROPE_INIT_FUNCTIONS[rope_type](config)
+        dim, base = config.head_dim, config.rope_parameters["rope_theta"]
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)), 1.0
 
     @staticmethod
     def compute_inv_freq(config: StackWiseConfig) -> torch.Tensor:
-        dim = config.head_dim
-        return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        return StackWiseRotaryEmbedding.compute_rope_parameters(config)[0]
 
     @torch.no_grad()
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids: (B, T) -> cos, sin: (B, T, head_dim) in float32
-        freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float32)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -88,15 +131,56 @@ class StackWiseMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    # (B, nkv, T, hd) -> (B, nkv * n_rep, T, hd)
+    if n_rep == 1:
+        return hidden_states
+    batch, num_kv_heads, seq_len, head_dim = hidden_states.shape
+    hidden_states = hidden_states[:, :, None].expand(batch, num_kv_heads, n_rep, seq_len, head_dim)
+    return hidden_states.reshape(batch, num_kv_heads * n_rep, seq_len, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "eager" entry of the attention interface, as in `modeling_llama.py`, except that the mask may
+    also be boolean (True = attend): a caller's 4D mask for packed documents is boolean for every backend."""
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nh, T, T_kv)
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, : key.shape[-2]]
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (B, T, nh, hd)
+    return output, weights
+
+
 class StackWiseAttention(nn.Module):
-    """Grouped-query attention through `F.scaled_dot_product_attention`, causal or bidirectional."""
+    """Grouped-query attention, causal or bidirectional, computed by the backend `config._attn_implementation`
+    names in transformers' attention interface ("eager", "sdpa", "flex_attention", "flash_attention_2", ...)."""
 
     def __init__(self, config: StackWiseConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx  # global block index: the KV cache's layer slot; renumbered on growth
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = config.attention_mode == "causal"  # read by the sdpa and flash backends
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
@@ -106,26 +190,31 @@ class StackWiseAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None = None,
-        is_causal: bool = True,
+        attention_mask=None,
         cache: Cache | None = None,
-    ) -> torch.Tensor:
-        batch, seq_len, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        # (B, nh, T, hd); SDPA picks the flash / memory-efficient kernel when no explicit mask is given.
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attention_mask, is_causal=is_causal and attention_mask is None,
-            enable_gqa=self.num_kv_heads != self.num_heads,
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
         )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))
+        output, weights = attention_interface(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+        return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
 
 
-class StackWiseBlock(nn.Module):
+class StackWiseBlock(GradientCheckpointingLayer):
+    # Used when a stack is checkpointed on its own (`stack.gradient_checkpointing = True`, as the trainer
+    # does): non-reentrant, so gradients reach the stack's weights even when its input (a frozen trunk's
+    # output) does not require grad. `gradient_checkpointing_enable(...)` sets its own function per block.
+    _gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+
     def __init__(self, config: StackWiseConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = StackWiseRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -133,19 +222,26 @@ class StackWiseBlock(nn.Module):
         self.post_attention_layernorm = StackWiseRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = StackWiseMLP(config)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, is_causal=True, cache=None):
-        attn_out = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, is_causal, cache
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
+        """Returns `(hidden_states, attention weights)`; the weights are None except on the eager path."""
+        attn_out, attn_weights = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache, **kwargs
         )
         hidden_states = hidden_states + attn_out
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)), attn_weights
+
+
+@dataclass
+class LayerOutputs:
+    """What a forward pass records per block when asked: the hidden states entering the first block and
+    leaving each block, and each block's attention weights."""
+
+    hidden_states: list[torch.Tensor] | None = None
+    attentions: list[torch.Tensor | None] | None = None
 
 
 class StackWiseStack(nn.Module):
     """A run of blocks that is grown, frozen, trained, cast, saved and loaded as one unit."""
-
-    # Set by `PreTrainedModel.gradient_checkpointing_enable()`, or per stack by the trainer.
-    gradient_checkpointing = False
 
     def __init__(self, config: StackWiseConfig, num_blocks: int, first_layer_idx: int = 0):
         super().__init__()
@@ -156,26 +252,71 @@ class StackWiseStack(nn.Module):
         # A norm weight is never quantized nor wrapped by an adapter, so it tells the stack's dtype.
         return self.blocks[0].input_layernorm.weight.dtype
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, is_causal=True, cache=None):
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the stack's blocks recompute their activations in the backward pass. Setting it turns
+        checkpointing on or off for this stack alone (`gradient_checkpointing_enable()` sets every block)."""
+        return any(block.gradient_checkpointing for block in self.blocks)
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:
+        for block in self.blocks:
+            block.gradient_checkpointing = enable
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask=None,
+        cache: Cache | None = None,
+        record: LayerOutputs | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
         dtype = self.dtype
         hidden_states = hidden_states.to(dtype)
         position_embeddings = tuple(t.to(dtype) for t in position_embeddings)
-        if attention_mask is not None and attention_mask.is_floating_point():
-            attention_mask = attention_mask.to(dtype)
-        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.is_floating_point() and attention_mask.dtype != dtype:
+            # An additive mask holds float32's lowest value, which is -inf in bf16/fp16: clamp before casting.
+            attention_mask = attention_mask.clamp(min=torch.finfo(dtype).min).to(dtype)
         for block in self.blocks:
-            if checkpointed:
-                hidden_states = self._gradient_checkpointing_func(
-                    block.__call__, hidden_states, position_embeddings, attention_mask, is_causal, None
-                )
-            else:
-                hidden_states = block(hidden_states, position_embeddings, attention_mask, is_causal, cache)
+            hidden_states, attn_weights = block(
+                hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, cache=cache,
+                **kwargs,
+            )
+            if record is not None and record.hidden_states is not None:
+                record.hidden_states.append(hidden_states)
+            if record is not None and record.attentions is not None:
+                record.attentions.append(attn_weights)
         return hidden_states
 
-    def _gradient_checkpointing_func(self, fn, *args):
-        # Non-reentrant so gradients reach the stack's weights even when its input (a frozen trunk's
-        # output) does not require grad. `gradient_checkpointing_enable()` replaces this attribute.
-        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
+def stack_hidden_states(hidden_states: tuple[torch.Tensor, ...], stack_sizes: list[int]) -> tuple[torch.Tensor, ...]:
+    """The per-stack view of per-layer `hidden_states` (`output_hidden_states=True`): the embeddings, then
+    the output of each stack. Like every transformers decoder, the last entry is the final-normed output.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from stackwise_hf import StackWiseConfig, StackWiseModel
+    >>> from stackwise_hf.modeling_stackwise import stack_hidden_states
+    >>> config = StackWiseConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+    ...                          stack_sizes=[2, 1])
+    >>> out = StackWiseModel(config)(torch.tensor([[1, 2]]), output_hidden_states=True)
+    >>> len(out.hidden_states), len(stack_hidden_states(out.hidden_states, config.stack_sizes))
+    (4, 3)
+    ```
+    """
+    if len(hidden_states) != sum(stack_sizes) + 1:
+        raise ValueError(
+            f"Expected {sum(stack_sizes) + 1} hidden states (layers + 1) for stack_sizes={list(stack_sizes)}; "
+            f"got {len(hidden_states)}."
+        )
+    ends, total = [0], 0
+    for n in stack_sizes:
+        total += n
+        ends.append(total)
+    return tuple(hidden_states[i] for i in ends)
 
 
 class StackWisePreTrainedModel(RackMixin, PreTrainedModel):
@@ -185,6 +326,14 @@ class StackWisePreTrainedModel(RackMixin, PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["StackWiseBlock"]
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: StackWiseConfig, *inputs, **kwargs):
+        # Growth edits the config (stack_sizes, stack_dtypes): each rack owns a copy, so growing one never
+        # grows the config the caller or another rack holds.
+        super().__init__(copy.deepcopy(config), *inputs, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -198,8 +347,10 @@ class StackWisePreTrainedModel(RackMixin, PreTrainedModel):
         elif isinstance(module, StackWiseRMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, StackWiseRotaryEmbedding):
-            # A non-persistent buffer: rebuilt here because from_pretrained creates the model on `meta`.
-            init.copy_(module.inv_freq, module.compute_inv_freq(self.config))
+            # Non-persistent buffers: rebuilt here because from_pretrained creates the model on `meta`.
+            inv_freq, _ = module.compute_rope_parameters(module.config)
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
 
 
 class StackWiseModel(StackWisePreTrainedModel):
@@ -220,6 +371,7 @@ class StackWiseModel(StackWisePreTrainedModel):
 
     def __init__(self, config: StackWiseConfig):
         super().__init__(config)
+        config = self.config  # this rack's own copy
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.stacks = nn.ModuleList()
         first = 0
@@ -247,24 +399,38 @@ class StackWiseModel(StackWisePreTrainedModel):
     ) -> dict:
         """Rotary embeddings and the attention mask every stack shares for one forward pass.
 
+        Args:
+            hidden_states: the embeddings, (B, T, H).
+            attention_mask: None, a (B, T_kv) padding mask (1 = token), or a ready (B, 1, T, T_kv) mask
+                (boolean, True = attend; or additive float), e.g. block-diagonal for packed documents.
+            position_ids: (B, T) positions; default past length + arange(T). Positions that restart at 0
+                inside a row mark packed documents: without an explicit mask, each attends only to itself.
+            cache: the KV cache, whose length offsets the positions and sizes the mask.
+
         Returns the keyword arguments of `StackWiseStack.forward`: `position_embeddings`,
-        `attention_mask` (None or a boolean `(B, 1, T, T_kv)` mask, True = attend) and `is_causal`.
+        `attention_mask` (in the form `config._attn_implementation` takes, from transformers'
+        `create_causal_mask` / `create_bidirectional_mask`) and `position_ids`.
         """
         batch, seq_len, _ = hidden_states.shape
-        past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + seq_len, device=hidden_states.device).expand(batch, -1)
-        causal = self.config.attention_mode == "causal"
-        mask = _build_attention_mask(attention_mask, causal, seq_len, past, hidden_states.device)
+        if attention_mask is not None and attention_mask.ndim == 4:
+            mask = _prepared_4d_mask(attention_mask, self.config._attn_implementation)
+        elif self.config.attention_mode == "causal":
+            # Positional: the cache argument is `past_key_values` in 5.17-5.23 and `cache` in 5.24.
+            mask = create_causal_mask(self.config, hidden_states, attention_mask, cache, position_ids)
+        else:
+            mask = create_bidirectional_mask(self.config, hidden_states, attention_mask)
         return {
-            "position_embeddings": self.rotary_emb(position_ids),
+            "position_embeddings": self.rotary_emb(hidden_states, position_ids),
             "attention_mask": mask,
-            # SDPA's own causal masking is only right when queries and keys are the same positions.
-            "is_causal": causal and mask is None and past == 0 and seq_len > 1,
+            "position_ids": position_ids,
         }
 
     def forward_stacks(
-        self, hidden_states: torch.Tensor, start: int = 0, stop: int | None = None, *, cache=None, **attention
+        self, hidden_states: torch.Tensor, start: int = 0, stop: int | None = None, *, cache=None, record=None,
+        **attention,
     ) -> torch.Tensor:
         """Runs stacks `start` to `stop` (exclusive) over `hidden_states`, without the final norm.
 
@@ -272,9 +438,10 @@ class StackWiseModel(StackWisePreTrainedModel):
         and the trained part `forward_stacks(h, k)`; `attention` is the output of `attention_inputs`.
         """
         for stack in self.stacks[start:stop]:
-            hidden_states = stack(hidden_states, cache=cache, **attention)
+            hidden_states = stack(hidden_states, cache=cache, record=record, **attention)
         return hidden_states
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -283,54 +450,53 @@ class StackWiseModel(StackWisePreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """Like `LlamaModel.forward`: `hidden_states` (when asked) holds the embeddings and each block's
+        output, layers + 1 entries, the last one final-normed; `stack_hidden_states` gives the per-stack view.
+        `output_attentions`, `output_hidden_states`, `use_cache` and `return_dict` default to the config's."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        cache = cache if cache is not None else past_key_values
+        cache = _cache_argument(cache, past_key_values)
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None and not self.training and self.config.attention_mode == "causal":
-            cache = DynamicCache()
+            cache = DynamicCache(config=self.config)
         if not use_cache:
             cache = None
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         attention = self.attention_inputs(hidden_states, attention_mask, position_ids, cache)
-        all_hidden = [hidden_states] if output_hidden_states else None
-        for stack in self.stacks:
-            hidden_states = stack(hidden_states, cache=cache, **attention)
-            if all_hidden is not None:
-                all_hidden.append(hidden_states)
+        record = LayerOutputs(
+            hidden_states=[hidden_states] if output_hidden_states else None,
+            attentions=[] if output_attentions else None,
+        )
+        hidden_states = self.forward_stacks(hidden_states, cache=cache, record=record, **attention, **kwargs)
         hidden_states = self.norm(hidden_states.to(self.norm.weight.dtype))
+        if record.hidden_states is not None:
+            record.hidden_states[-1] = hidden_states  # as in every transformers decoder: the last one is normed
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            hidden_states=tuple(record.hidden_states) if output_hidden_states else None,
+            attentions=tuple(record.attentions) if output_attentions else None,
             **{_CACHE_FIELD: cache},
         )
 
 
-def _build_attention_mask(attention_mask, causal: bool, seq_len: int, past: int, device) -> torch.Tensor | None:
-    """A boolean (B, 1, T, past + T) mask, or None when SDPA's own `is_causal` (or no mask) is exact.
-
-    Written here rather than through `transformers.masking_utils.create_causal_mask`, whose keyword
-    arguments changed between transformers 5.17 and 5.24.
-    """
-    padding = attention_mask is not None and not bool(attention_mask.all())
-    if not padding and (not causal or past == 0 or seq_len == 1):
-        return None
-    kv_len = past + seq_len
-    if causal:
-        q_pos = torch.arange(past, kv_len, device=device)[:, None]
-        mask = (torch.arange(kv_len, device=device)[None, :] <= q_pos)[None, None]  # (1, 1, T, T_kv)
-    else:
-        mask = torch.ones(1, 1, seq_len, kv_len, dtype=torch.bool, device=device)
-    if padding:
-        mask = mask & attention_mask[:, None, None, -kv_len:].bool()
-        # A padded query (left padding) would otherwise see no key at all and softmax to NaN; letting
-        # every query see itself changes nothing for real tokens, which already see themselves.
-        own_position = torch.arange(kv_len, device=device)[None, :] == torch.arange(past, kv_len, device=device)[:, None]
-        mask = mask | own_position
+def _prepared_4d_mask(mask: torch.Tensor, implementation: str | None) -> torch.Tensor:
+    """A caller's (B, 1, T, T_kv) mask in the form the attention backend takes. Boolean (True = attend) and
+    additive float masks pass to "eager" and "sdpa" as they are; flex_attention adds a tensor mask to the
+    scores, so a boolean one becomes additive; flash attention takes no 4D mask."""
+    if implementation is not None and implementation.startswith("flash"):
+        raise ValueError(
+            f"attn_implementation={implementation!r} takes no 4D attention mask (got shape {tuple(mask.shape)}); for "
+            "packed documents pass `position_ids` that restart at 0 for each document and no mask."
+        )
+    if implementation == "flex_attention" and mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
     return mask
 
 
@@ -343,13 +509,18 @@ class StackWiseLMHeadModel(StackWisePreTrainedModel):
 
     def __init__(self, config: StackWiseConfig):
         super().__init__(config)
-        if config.attention_mode != self.attention_mode:
+        if self.config.attention_mode != self.attention_mode:
             raise ValueError(
                 f"{type(self).__name__} needs `attention_mode={self.attention_mode!r}`; got "
-                f"{config.attention_mode!r} (StackWiseForCausalLM is causal, StackWiseForMaskedLM bidirectional)."
+                f"{self.config.attention_mode!r} (StackWiseForCausalLM is causal, StackWiseForMaskedLM bidirectional)."
             )
-        self.model = StackWiseModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = StackWiseModel(self.config)
+        # One config object for the rack and its body (the body copied it): growth edits it once for both.
+        self.model.config = self.config
+        for module in self.model.modules():
+            if hasattr(module, "config"):
+                module.config = self.config
+        self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -360,7 +531,7 @@ class StackWiseLMHeadModel(StackWisePreTrainedModel):
 
 
 class StackWiseForCausalLM(StackWiseLMHeadModel, GenerationMixin):
-    """The rack with a causal LM head; generates with a KV cache.
+    """The rack with a causal LM head; generates with a dynamic or static KV cache.
 
     Example:
 
@@ -379,6 +550,7 @@ class StackWiseForCausalLM(StackWiseLMHeadModel, GenerationMixin):
 
     attention_mode = "causal"
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -392,14 +564,19 @@ class StackWiseForCausalLM(StackWiseLMHeadModel, GenerationMixin):
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """As `LlamaForCausalLM.forward`. The loss is transformers' causal-LM loss: `labels` are shifted
+        inside it, or pass `shift_labels` already shifted (context parallelism); `num_items_in_batch`
+        is honoured too."""
+        loss_kwargs = {k: kwargs.pop(k) for k in ("shift_labels", "num_items_in_batch", "ignore_index") if k in kwargs}
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values,
+            cache=_cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_hidden_states=kwargs.get("output_hidden_states"),
+            return_dict=True,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep:
@@ -408,12 +585,13 @@ class StackWiseForCausalLM(StackWiseLMHeadModel, GenerationMixin):
             hidden_states = hidden_states[:, logits_to_keep]
         logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype))
         loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
+        if labels is not None or loss_kwargs.get("shift_labels") is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
         )
 
@@ -437,6 +615,7 @@ class StackWiseForMaskedLM(StackWiseLMHeadModel):
 
     attention_mode = "bidirectional"
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -452,13 +631,14 @@ class StackWiseForMaskedLM(StackWiseLMHeadModel):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=False,
-            output_hidden_states=kwargs.get("output_hidden_states"),
+            return_dict=True,
+            **kwargs,
         )
         logits = self.lm_head(outputs.last_hidden_state.to(self.lm_head.weight.dtype))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
 __all__ = [
@@ -466,4 +646,5 @@ __all__ = [
     "StackWiseModel",
     "StackWiseForCausalLM",
     "StackWiseForMaskedLM",
+    "stack_hidden_states",
 ]

@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from .configuration_stackwise import canonical_dtype
 from .growth import cast_stack, grow, set_stacks_trainable
 from .hub import PushOptions, push_rack_to_hub
 from .hub import push_stack_to_hub as push_one_stack
@@ -210,21 +211,30 @@ class RackMixin(GuideRackMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained` for a rack directory or Hub repo id, plus three things:
-        every shard is checked first (complete, and for a repo also hashed against the id the Hub stored
-        it under), so a damaged rack fails with the file's name before any loading; each stack is put
-        back in its saved dtype; and the rack's adapters are loaded when it has an adapter manifest."""
-        resolve, adapter_path, _ = pretrained_source(pretrained_model_name_or_path, kwargs)
+        """`PreTrainedModel.from_pretrained` for a rack directory or Hub repo id (or None with `config=` and
+        `state_dict=`), plus three things: every shard is checked first (complete, and for a repo also hashed
+        against the id the Hub stored it under), so a damaged rack fails with the file's name before any
+        loading; each stack's dtype is set; and the rack's adapters are loaded when it has an adapter manifest.
+
+        Stack dtypes: by default (`dtype=None` or `"auto"`) each stack comes back in its saved dtype
+        (`config.stack_dtypes`). `dtype=torch.float32` (any one dtype) puts every stack in it, as it does the
+        embeddings and head. Per stack: pass `stack_dtypes=["float32", "bfloat16", ...]` (one per stack; a
+        config override, so it wins over `dtype` for the stacks), or call `rack.cast_stack(i, dtype)` after.
+        Returns the rack, or `(rack, loading_info)` with `output_loading_info=True`, as transformers does.
+        """
+        resolve = adapter_path = None
+        if pretrained_model_name_or_path is not None:
+            resolve, adapter_path, _ = pretrained_source(pretrained_model_name_or_path, kwargs)
         if resolve is not None:
             check_rack_files(resolve)
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        if kwargs.get("dtype") in (None, "auto"):
-            for i, dtype in enumerate(model.config.stack_dtypes):
-                if model.base_model.stacks[i].dtype != getattr(torch, dtype):
-                    cast_stack(model, i, dtype)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if kwargs.get("output_loading_info") else loaded
+        for i, dtype in enumerate(_stack_dtypes_asked(kwargs, model.num_stacks) or model.config.stack_dtypes):
+            if model.base_model.stacks[i].dtype != getattr(torch, dtype):
+                cast_stack(model, i, dtype)
         if resolve is not None:
             read_saved_adapters(model, resolve, adapter_path)
-        return model
+        return loaded
 
     # The Hub ------------------------------------------------------------------------------------------
 
@@ -284,3 +294,15 @@ class RackMixin(GuideRackMixin):
         """
         return push_one_stack(self, stack_idx, repo_id, options, max_shard_size=max_shard_size,
                                      training_run=training_run, **option_fields)
+
+
+def _stack_dtypes_asked(kwargs: dict, num_stacks: int) -> list[str]:
+    """The stack dtypes `from_pretrained(**kwargs)` asks for: an explicit `stack_dtypes=` list (already the
+    loaded config's), else one `dtype=` for every stack; [] (keep the saved dtypes) for no dtype, "auto" or a
+    per-module dict."""
+    if kwargs.get("stack_dtypes") is not None:
+        return []
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    if dtype is None or isinstance(dtype, dict) or dtype == "auto":
+        return []
+    return [canonical_dtype(dtype, "dtype")] * num_stacks

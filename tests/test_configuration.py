@@ -17,7 +17,7 @@ def test_derived_fields_and_precision_aliases():
 @pytest.mark.parametrize(
     "field, value, fragment",
     [
-        ("stack_sizes", [], "`stack_sizes`"),
+        ("stack_sizes", "2,2", "`stack_sizes`"),  # [] is valid: an empty rack
         ("stack_sizes", [2, 0], "`stack_sizes`"),
         ("stack_dtypes", ["float32", "int8"], "int8"),
         ("stack_dtypes", ["float32"], "one dtype per stack"),
@@ -25,6 +25,9 @@ def test_derived_fields_and_precision_aliases():
         ("attention_mode", "sideways", "sideways"),
         ("hidden_size", -4, "`hidden_size`"),
         ("rope_theta", 0, "`rope_theta`"),
+        ("rms_norm_eps", 0, "`rms_norm_eps`"),
+        ("rope_parameters", {"rope_type": "sideways"}, "sideways"),
+        ("rope_parameters", {"rope_type": "linear"}, "factor"),
         ("mask_token_id", 1000, "`mask_token_id`"),
     ],
 )
@@ -35,8 +38,39 @@ def test_invalid_fields_name_field_and_value(field, value, fragment):
 
 
 def test_unknown_field_is_named_with_allowed_list():
+    # A hand-written mapping (a YAML `model:` section) is checked for typos; the constructor, like every
+    # transformers config, keeps extra attributes (test_extra_attributes_round_trip).
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['hiden_size'\].*allowed fields.*hidden_size"):
-        tiny_config(hiden_size=32)
+        StackWiseConfig.from_fields(dict(vocab_size=96, hiden_size=32))
+
+
+def test_extra_attributes_round_trip(tmp_path):
+    config = tiny_config(my_flag=1)
+    config.other_library_setting = {"a": [1, 2]}
+    config.save_pretrained(tmp_path)
+    loaded = StackWiseConfig.from_pretrained(tmp_path)
+    assert loaded.my_flag == 1 and loaded.other_library_setting == {"a": [1, 2]}
+
+
+def test_odd_but_valid_values_are_accepted():
+    assert tiny_config(rms_norm_eps=1.0).rms_norm_eps == 1.0
+    empty = tiny_config(stack_sizes=[])
+    assert empty.num_hidden_layers == 0 and empty.num_stacks == 0 and empty.stack_dtypes == []
+
+
+def test_num_hidden_layers_alone_is_one_stack():
+    assert tiny_config(stack_sizes=None, num_hidden_layers=3).stack_sizes == [3]
+    with pytest.raises(ValueError, match="disagrees"):
+        tiny_config(stack_sizes=[1, 1], num_hidden_layers=3)
+    with pytest.raises(NotImplementedError, match="stack_sizes"):
+        tiny_config().num_hidden_layers = 7
+
+
+def test_rope_parameters_and_legacy_rope_scaling(tmp_path):
+    config = tiny_config(rope_theta=500.0, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    assert config.rope_parameters == {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}
+    config.save_pretrained(tmp_path)
+    assert StackWiseConfig.from_pretrained(tmp_path).rope_parameters == config.rope_parameters
 
 
 def test_config_json_round_trip(tmp_path):

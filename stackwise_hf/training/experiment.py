@@ -54,10 +54,7 @@ class ExperimentConfig:
         unknown = sorted(set(document) - set(SECTIONS))
         if unknown:
             raise ValueError(f"{where}: unknown section(s) {unknown}; allowed sections are {list(SECTIONS)}.")
-        try:
-            model = StackWiseConfig(**(document.get("model") or {}))
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{where}: model: {err}") from err
+        model = StackWiseConfig.from_fields(document.get("model") or {}, where=f"{where}: model")
         stages = document.get("stages") or []
         if not isinstance(stages, list):
             raise ValueError(f"{where}: `stages` must be a list of stage mappings.")
