@@ -53,11 +53,14 @@ def grow(rack, n_blocks: int, position: str = "append", init: str = "random", dt
         raise ValueError(f"`n_blocks` must be a positive integer; got {n_blocks!r}.")
     body = rack.base_model
     neighbour_idx = len(body.stacks) - 1 if position == "append" else 0
-    neighbour = body.stacks[neighbour_idx]
-    dtype_name = canonical_dtype(dtype if dtype is not None else rack.config.stack_dtypes[neighbour_idx], "dtype")
+    neighbour = body.stacks[neighbour_idx] if len(body.stacks) else None  # None: an empty rack
+    if neighbour is None and init == "copy":
+        raise ValueError("`init='copy'` copies a neighbouring stack, and this rack has no stacks; use 'random' or 'identity'.")
+    if dtype is None:
+        dtype = rack.config.stack_dtypes[neighbour_idx] if neighbour is not None else body.embed_tokens.weight.dtype
+    dtype_name = canonical_dtype(dtype, "dtype")
 
-    stack_cls = type(neighbour)
-    new_stack = stack_cls(rack.config, n_blocks)
+    new_stack = type(body).stack_class(rack.config, n_blocks)
     if init == "copy":
         _copy_blocks(new_stack, neighbour, from_end=position == "append")
     else:
@@ -130,7 +133,7 @@ def reshape_stacks(rack, stack_sizes: list[int]) -> None:
     """Rebuilds the rack's stack list to `stack_sizes`: fresh float32 stacks, adapters removed (a
     reader loads the saved weights, dtypes and adapters next)."""
     body = rack.base_model
-    stack_cls = type(body.stacks[0])
+    stack_cls = type(body).stack_class  # the rack may be empty
     device = body.embed_tokens.weight.device
     if getattr(rack, "peft_config", None):
         adapters.remove_all_adapters(rack)

@@ -33,7 +33,6 @@ def rack_config_from_llama(llama_config: LlamaConfig, stack_sizes: list[int] | N
     """Translates a `LlamaConfig`; raises ValueError for Llama features a rack does not have."""
     rope = dict(getattr(llama_config, "rope_parameters", None) or {})
     unsupported = {
-        "rope_parameters.rope_type": (rope.get("rope_type", "default"), "default"),
         "hidden_act": (llama_config.hidden_act, "silu"),
         "attention_bias": (llama_config.attention_bias, False),
         "mlp_bias": (llama_config.mlp_bias, False),
@@ -46,7 +45,9 @@ def rack_config_from_llama(llama_config: LlamaConfig, stack_sizes: list[int] | N
     if sum(stack_sizes) != n_layers:
         raise ValueError(f"`stack_sizes` {stack_sizes} sums to {sum(stack_sizes)}; the Llama has {n_layers} layers.")
     fields = {name: getattr(llama_config, name) for name in _SHARED_FIELDS}
-    return StackWiseConfig(**fields, rope_theta=rope.get("rope_theta", 10000.0), stack_sizes=stack_sizes)
+    return StackWiseConfig(
+        **fields, rope_theta=rope.get("rope_theta", 10000.0), rope_parameters=rope or None, stack_sizes=stack_sizes
+    )
 
 
 def llama_config_from_rack(config: StackWiseConfig) -> LlamaConfig:
@@ -56,7 +57,7 @@ def llama_config_from_rack(config: StackWiseConfig) -> LlamaConfig:
     return LlamaConfig(
         **fields,
         num_hidden_layers=config.num_hidden_layers,
-        rope_parameters={"rope_type": "default", "rope_theta": float(config.rope_theta)},
+        rope_parameters=copy.deepcopy(config.rope_parameters),
         hidden_act="silu",
         attention_bias=False,
         mlp_bias=False,

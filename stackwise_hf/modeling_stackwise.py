@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import create_block_mask
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -369,6 +370,8 @@ class StackWiseModel(StackWisePreTrainedModel):
     ```
     """
 
+    stack_class = StackWiseStack  # what growth builds a new stack from
+
     def __init__(self, config: StackWiseConfig):
         super().__init__(config)
         config = self.config  # this rack's own copy
@@ -404,7 +407,8 @@ class StackWiseModel(StackWisePreTrainedModel):
             attention_mask: None, a (B, T_kv) padding mask (1 = token), or a ready (B, 1, T, T_kv) mask
                 (boolean, True = attend; or additive float), e.g. block-diagonal for packed documents.
             position_ids: (B, T) positions; default past length + arange(T). Positions that restart at 0
-                inside a row mark packed documents: without an explicit mask, each attends only to itself.
+                inside a row mark packed documents: with no mask and no cache (training), each document
+                attends only to itself (transformers' packed-sequence detection).
             cache: the KV cache, whose length offsets the positions and sizes the mask.
 
         Returns the keyword arguments of `StackWiseStack.forward`: `position_embeddings`,
@@ -486,18 +490,23 @@ class StackWiseModel(StackWisePreTrainedModel):
         )
 
 
-def _prepared_4d_mask(mask: torch.Tensor, implementation: str | None) -> torch.Tensor:
+def _prepared_4d_mask(mask: torch.Tensor, implementation: str | None):
     """A caller's (B, 1, T, T_kv) mask in the form the attention backend takes. Boolean (True = attend) and
-    additive float masks pass to "eager" and "sdpa" as they are; flex_attention adds a tensor mask to the
-    scores, so a boolean one becomes additive; flash attention takes no 4D mask."""
+    additive float masks pass to "eager" and "sdpa" as they are; flex_attention gets a `BlockMask` of
+    it (transformers would add a tensor mask inside the compiled kernel, which crashes torch's CPU
+    build); flash attention takes no 4D mask."""
     if implementation is not None and implementation.startswith("flash"):
         raise ValueError(
             f"attn_implementation={implementation!r} takes no 4D attention mask (got shape {tuple(mask.shape)}); for "
             "packed documents pass `position_ids` that restart at 0 for each document and no mask."
         )
-    if implementation == "flex_attention" and mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    return mask
+    if implementation != "flex_attention":
+        return mask
+    attend = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2  # (B, 1, T, T_kv)
+    batch, _, q_len, kv_len = attend.shape
+    return create_block_mask(
+        lambda b, h, q, kv: attend[b, 0, q, kv], batch, None, q_len, kv_len, device=attend.device
+    )
 
 
 class StackWiseLMHeadModel(StackWisePreTrainedModel):
