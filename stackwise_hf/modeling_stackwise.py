@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_stackwise import StackWiseConfig
 from .rack import RackMixin
@@ -40,18 +40,21 @@ from .rack import RackMixin
 _CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+def _renamed_cache_kwarg(forward):
+    """Where transformers renamed `past_key_values` to `cache` (5.24+), its own deprecation shim on a forward:
+    the old name still works, with a FutureWarning at the caller's line. Older versions only know the old
+    name, which `_cache_argument` accepts without a warning."""
+    if _CACHE_FIELD == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+    return forward
+
+
 def _cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """The cache passed under either name; a FutureWarning for the old name where transformers renamed it."""
+    """The KV cache passed under either name."""
     if past_key_values is None:
         return cache
     if cache is not None:
         raise ValueError("Pass the KV cache as `cache` or as `past_key_values`, not both.")
-    if _CACHE_FIELD == "cache":
-        warnings.warn(
-            "`past_key_values` is deprecated since transformers 5.24 renamed it; pass the KV cache as `cache=`.",
-            FutureWarning,
-            stacklevel=3,
-        )
     return past_key_values
 
 
@@ -445,6 +448,7 @@ class StackWiseModel(StackWisePreTrainedModel):
             hidden_states = stack(hidden_states, cache=cache, record=record, **attention)
         return hidden_states
 
+    @_renamed_cache_kwarg
     @can_return_tuple
     def forward(
         self,
@@ -559,6 +563,7 @@ class StackWiseForCausalLM(StackWiseLMHeadModel, GenerationMixin):
 
     attention_mode = "causal"
 
+    @_renamed_cache_kwarg
     @can_return_tuple
     def forward(
         self,

@@ -167,8 +167,6 @@ def test_past_key_values_keyword_still_works_and_warns_where_renamed():
     renamed = [w for w in caught if issubclass(w.category, FutureWarning) and "past_key_values" in str(w.message)]
     assert len(renamed) == (1 if _CACHE_FIELD == "cache" else 0)
     torch.testing.assert_close(step, rack(x, use_cache=False).logits[:, 4:], rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="not both"):
-        rack(x, cache=cache, past_key_values=cache)
 
 
 # RoPE types: the same logits as Llama with the same rope_parameters ----------------------------------------
