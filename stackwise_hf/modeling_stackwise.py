@@ -334,10 +334,10 @@ class StackWisePreTrainedModel(RackMixin, PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
-    def __init__(self, config: StackWiseConfig, *inputs, **kwargs):
+    def __init__(self, config: StackWiseConfig, *inputs, _body_of_head: bool = False, **kwargs):
         # Growth edits the config (stack_sizes, stack_dtypes): each rack owns a copy, so growing one never
-        # grows the config the caller or another rack holds.
-        super().__init__(copy.deepcopy(config), *inputs, **kwargs)
+        # grows the config the caller or another rack holds. A head's body shares its head's copy.
+        super().__init__(config if _body_of_head else copy.deepcopy(config), *inputs, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -375,8 +375,8 @@ class StackWiseModel(StackWisePreTrainedModel):
 
     stack_class = StackWiseStack  # what growth builds a new stack from
 
-    def __init__(self, config: StackWiseConfig):
-        super().__init__(config)
+    def __init__(self, config: StackWiseConfig, _body_of_head: bool = False):
+        super().__init__(config, _body_of_head=_body_of_head)
         config = self.config  # this rack's own copy
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.stacks = nn.ModuleList()
@@ -527,12 +527,7 @@ class StackWiseLMHeadModel(StackWisePreTrainedModel):
                 f"{type(self).__name__} needs `attention_mode={self.attention_mode!r}`; got "
                 f"{self.config.attention_mode!r} (StackWiseForCausalLM is causal, StackWiseForMaskedLM bidirectional)."
             )
-        self.model = StackWiseModel(self.config)
-        # One config object for the rack and its body (the body copied it): growth edits it once for both.
-        self.model.config = self.config
-        for module in self.model.modules():
-            if hasattr(module, "config"):
-                module.config = self.config
+        self.model = StackWiseModel(self.config, _body_of_head=True)  # one config for both: growth edits it once
         self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
         self.post_init()
 
