@@ -8,7 +8,7 @@ import torch
 import transformers.integrations.flex_attention
 import transformers.masking_utils
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from stackwise_hf import StackWiseConfig, StackWiseForCausalLM, StackWiseModel
@@ -297,3 +297,15 @@ def test_racks_built_from_one_config_do_not_share_it():
     first.append_stack(2)
     assert config.stack_sizes == [1] and second.config.stack_sizes == [1] and body.config.stack_sizes == [1]
     assert first.config.stack_sizes == [1, 2] and first.model.config is first.config
+
+
+def test_a_plain_single_file_checkpoint_still_loads(tmp_path):
+    # transformers' own saver (one model.safetensors, no per-stack index), e.g. a Llama converted with from_llama.
+    rack = from_llama(tiny_llama(), stack_sizes=[1, 2]).eval()
+    rack.cast_stack(1, "bfloat16")
+    PreTrainedModel.save_pretrained(rack, tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and not (tmp_path / "model.safetensors.index.json").exists()
+    loaded = StackWiseForCausalLM.from_pretrained(tmp_path)
+    assert [s.dtype for s in loaded.model.stacks] == [torch.float32, torch.bfloat16]
+    x = tokens(2, 8)
+    assert torch.equal(loaded(x).logits, rack(x).logits)
