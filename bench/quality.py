@@ -398,7 +398,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         spread = f" ± {r['spread']:.3f}" if r["spread"] is not None else ""
         hits = r["parity"]
-        if all(hits):
+        if r["run"] == "e2e":  # its own final loss (mean over seeds) is the target
+            tokens = flops = "target"
+        elif all(hits):
             tokens = f"{statistics.mean(h[0] for h in hits) / 1e3:.0f}k"
             flops = f"{statistics.mean(h[1] for h in hits):.3g} ({r['parity_flops_ratio']:.2f})"
         else:
@@ -452,7 +454,9 @@ def section_text(table_text: str, rows: list[dict], args, results: list[dict]) -
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    command = "nice -n 10 python bench/quality.py " + " ".join(sys.argv[1:])
+    # File arguments by name only (where they lay on the measuring machine says nothing here).
+    command = "nice -n 10 python bench/quality.py " + " ".join(os.path.basename(a) if os.sep in a else a
+                                                                for a in sys.argv[1:])
     note = open(args.note, encoding="utf-8").read().strip() if args.note else ""
     return "\n".join([
         "## Recipes vs end to end at equal training FLOPs (`bench/quality.py`)",

@@ -34,3 +34,4 @@ def test_every_recipe_trains_as_it_is(tmp_path, path):
     result = ProgressiveTrainer(experiment, train_dataset=synthetic_blocks(8), eval_dataset=synthetic_blocks(4)).train()
     assert [s.name for s in result.stages] == [s.name for s in experiment.stages]
     assert result.stages[-1].stack_sizes == [2, 2, 2] and result.stages[-1].flops > 0
+
