@@ -22,6 +22,7 @@ from huggingface_hub import file_exists
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from . import adapters
+from .errors import StackWiseError
 from .hub import push_checkpoint_to_hub, push_rack_folder_to_hub
 from .llama_interop import save_llama
 from .planner import format_plan, plan_experiment
@@ -168,6 +169,7 @@ def _f(value, digits: int = 3) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stackwise", description="Progressive, stack-wise training of racks.")
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a rack progressively from an experiment YAML")
@@ -237,10 +239,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a user's input can get wrong (a file, a field, a value, a damaged checkpoint): reported as one line.
+# Anything else is a bug of ours and keeps its traceback.
+USER_ERRORS = (StackWiseError, ValueError, OSError, KeyError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command. A bad file, field or value prints one line naming it (the traceback only with
+    `--debug`) and exits with status 2."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"stackwise {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -44,3 +44,22 @@ def test_generate_continues_a_prompt(trained, capsys):
     assert main(["generate", str(out / "final"), "--prompt", "ROMEO:", "--max-new-tokens", "12", "--seed", "1"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:") + 5
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: {stack_sizes: 2}\n", "model.stack_sizes = 2:"),
+    ("model: {hidden_size: 32}\nobjective: {mask_ratoi: 0.3}\n",
+     "objective: unknown ObjectiveConfig field(s) ['mask_ratoi']; allowed fields are ['seed',"),
+    ("training: {mixed_precision: fp8}\n", "training: `mixed_precision` must be one of ['no', 'bf16', 'fp16']; got 'fp8'"),
+    ("stages: [{max_steps: 1, trunk_mode: cached}]\n", "stages[0]: `trunk_mode` must be one of ['recompute', 'cache']"),
+    ("model: [1\n", "not valid YAML"),
+])
+def test_a_bad_config_is_one_line_naming_file_and_field(tmp_path, capsys, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"stackwise train: error: {path}") and message in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    with pytest.raises(ValueError, match="bad.yaml"):  # --debug shows the real exception
+        main(["--debug", "train", "--config", str(path)])

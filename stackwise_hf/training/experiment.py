@@ -43,7 +43,10 @@ class ExperimentConfig:
     def from_yaml(cls, path: str | os.PathLike, overrides: list[str] | None = None) -> "ExperimentConfig":
         """Loads an experiment file; `overrides` are "section.field=value" strings (value parsed as YAML)."""
         with open(path, encoding="utf-8") as f:
-            document = yaml.safe_load(f) or {}
+            try:
+                document = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())}).") from err
         return cls.from_dict(apply_overrides(document, overrides or []), source=os.fspath(path))
 
     @classmethod
@@ -54,7 +57,7 @@ class ExperimentConfig:
         unknown = sorted(set(document) - set(SECTIONS))
         if unknown:
             raise ValueError(f"{where}: unknown section(s) {unknown}; allowed sections are {list(SECTIONS)}.")
-        model = StackWiseConfig.from_fields(document.get("model") or {}, where=f"{where}: model")
+        model = _model_config(document.get("model"), where)
         stages = document.get("stages") or []
         if not isinstance(stages, list):
             raise ValueError(f"{where}: `stages` must be a list of stage mappings.")
@@ -74,6 +77,32 @@ class ExperimentConfig:
         experiment = cls.from_dict({**sections, "model": {}}, source=getattr(config, "experiment_path", None))
         experiment.model = config
         return experiment
+
+
+def _model_config(values, where: str) -> StackWiseConfig:
+    """The `model:` section as a `StackWiseConfig` (`from_fields`: unknown keys refused); an error names the
+    field at fault (`model.stack_sizes = 2: ...`)."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: model: expected a mapping of StackWiseConfig fields, got {type(values).__name__}.")
+    try:
+        return StackWiseConfig.from_fields(values, where=f"{where}: model")
+    except ValueError as err:
+        # The config validates fields together; the culprit is the field without which the rest is accepted.
+        culprit = next((key for key in values if _accepted({k: v for k, v in values.items() if k != key})), None)
+        if culprit is None:
+            raise
+        message = str(err).removeprefix(f"{where}: model: ")
+        raise ValueError(f"{where}: model.{culprit} = {values[culprit]!r}: {message}") from err
+
+
+def _accepted(values: dict) -> bool:
+    try:
+        StackWiseConfig.from_fields(values)
+    except ValueError:
+        return False
+    return True
 
 
 def apply_overrides(document: dict, overrides: list[str]) -> dict:
