@@ -15,3 +15,7 @@ class ShapeMismatchError(StackWiseError, ValueError):
 
 class CheckpointError(StackWiseError, OSError):
     """A training checkpoint is incomplete, damaged, or does not belong to this run."""
+
+
+class NonFiniteError(StackWiseError, FloatingPointError):
+    """Training produced a non-finite loss, gradient or weight; it stops before anything non-finite is saved."""

@@ -22,6 +22,8 @@ class TrainerState:
         flops: training FLOPs of the run so far, every process together (`flops.py` counts them).
         train_seconds: wall time of training so far: steps and trunk-cache builds, not evaluation.
         best_eval_loss: lowest evaluation loss so far.
+        float32_master_stacks: float16 stacks the current stage trains in float32 (master weights); cast back
+            to float16 when the stage ends.
         stage_results: one summary per finished stage (loss, eval loss, perplexity, time, memory).
         log_history: every record written to `log.jsonl` (for the plot after a resume).
     """
@@ -36,6 +38,7 @@ class TrainerState:
     flops: float = 0.0
     train_seconds: float = 0.0
     best_eval_loss: float | None = None
+    float32_master_stacks: list[int] = field(default_factory=list)
     stage_results: list[dict] = field(default_factory=list)
     log_history: list[dict] = field(default_factory=list)
 

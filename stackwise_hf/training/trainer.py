@@ -31,7 +31,7 @@ from transformers import get_scheduler
 from .. import adapters
 from ..configuration_stackwise import StackWiseConfig
 from ..data import build_datasets, check_tokenizer_fits, load_or_train_tokenizer
-from ..errors import CheckpointError
+from ..errors import CheckpointError, NonFiniteError
 from ..layout import TRUNK, stack_adapter_name
 from ..modeling_stackwise import StackWiseForCausalLM, StackWiseForMaskedLM
 from .arguments import TrainingArguments
@@ -56,6 +56,7 @@ from .stage import (
     grow_for_stage,
     optimizer_groups,
     set_trainable,
+    stack_roles,
     trunk_on_host,
 )
 from .state import TrainerState
@@ -149,6 +150,7 @@ class ProgressiveTrainer(GuideTrainerMixin):
             self.state.stage_entered = True
             self.state.stage_step = self.state.epoch = self.state.epoch_batches = 0
         config = stage.config
+        self._float32_masters(stage)
         trainable = set_trainable(self.rack, stage)
         self.rack.base_model.stacks[stage.stack].gradient_checkpointing = config.gradient_checkpointing
         objective = build_objective(config.objective, **self._objective_kwargs(stage))
@@ -201,6 +203,7 @@ class ProgressiveTrainer(GuideTrainerMixin):
                     continue
                 run.step_losses.append(torch.stack(step).mean())
                 step.clear()
+                self._check_finite(run)
                 self.state.stage_step += 1
                 self.state.global_step += 1
                 bar.update(1)
@@ -220,6 +223,7 @@ class ProgressiveTrainer(GuideTrainerMixin):
             unshard_rack(self.rack, run.module, self.accelerator.device)
         if run.stage.config.merge_adapters:
             self._merge_stage_adapters(run.stage)
+        self._store_float16(run.stage)
         summary = StageSummary(
             stage=run.stage.index, name=run.stage.name, stack=run.stage.stack,
             stack_sizes=list(self.rack.config.stack_sizes), steps=run.total_steps,
@@ -340,6 +344,42 @@ class ProgressiveTrainer(GuideTrainerMixin):
             drop_last=True, num_workers=self.args.dataloader_num_workers,
         )
         return loader, self.train_dataset, sampler
+
+    # Half precision ------------------------------------------------------------------------------
+
+    def _float32_masters(self, stage: ResolvedStage) -> None:
+        """A float16 stack whose weights the stage trains is trained in float32 (master weights, as mixed
+        precision training keeps them): AdamW's updates on float16 weights underflow and overflow within a few
+        steps. The stack is stored in float16 again when the stage ends (`_store_float16`)."""
+        for i, role in enumerate(stack_roles(stage)):
+            if role == "trained" and self.rack.config.stack_dtypes[i] == "float16":
+                self.rack.cast_stack(i, "float32")
+                self.state.float32_master_stacks.append(i)
+                logger.info("%s: stack %d is float16; it trains with float32 master weights and is stored in float16 "
+                            "at the stage's end.", stage.name, i)
+
+    def _store_float16(self, stage: ResolvedStage) -> None:
+        for i in self.state.float32_master_stacks:
+            self.rack.cast_stack(i, "float16")
+            if not all(torch.isfinite(p).all() for p in self.rack.base_model.stacks[i].parameters()):
+                raise NonFiniteError(f"stage {stage.name}: stack {i}'s trained weights do not fit float16 (they overflow "
+                                     "to inf); train it in bfloat16 or float32 instead.")
+        self.state.float32_master_stacks = []
+
+    def _check_finite(self, run: StageRun) -> None:
+        """Stops the stage at the first optimizer step whose loss or gradient norm is not finite, before
+        anything is logged or saved from it."""
+        loss = run.step_losses[-1]
+        problems = [] if torch.isfinite(loss) else [f"loss {loss.item()}"]
+        if run.grad_norm is not None and not math.isfinite(run.grad_norm):
+            problems.append(f"gradient norm {run.grad_norm}")
+        if problems:
+            raise NonFiniteError(
+                f"stage {run.stage.name}, stack {run.stage.stack}: non-finite {' and '.join(problems)} at step "
+                f"{self.state.global_step + 1} (step {self.state.stage_step + 1} of the stage); training stopped and "
+                "nothing from this step was saved. Lower the learning rate, clip gradients (`max_grad_norm`), or "
+                "train the stack in bfloat16/float32."
+            )
 
     # Evaluation ------------------------------------------------------------------------------------
 
