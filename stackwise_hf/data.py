@@ -8,6 +8,11 @@ The pipeline is three calls:
    train split (cached on disk, so only the first run trains).
 3. `build_datasets(data_args, tokenizer)`: the train and eval datasets of `block_size` token blocks.
 
+With `streaming=True`, step 1 returns `datasets.IterableDataset`s read lazily from the files (or the Hub),
+and `stackwise_hf.streaming` replaces step 3: it tokenizes and packs the stream on the fly, shards it
+across processes and records its position for an exact resume. Splitting blocks into documents for the
+attention (document-aware packing) is `stackwise_hf.packing`'s.
+
 `datasets` (and `pyarrow`) are imported inside the functions that need them: the GPU machine has no
 `datasets`, and the rest of the library imports `DataArguments` from here.
 """
@@ -39,6 +44,8 @@ MIN_BPE_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
 
 # Bump when the tokenizer recipe changes, so tokenizers cached by an older recipe are not reused.
 _BPE_RECIPE = "byte-level-bpe-v1"
+# Bump when `_tokenize_batch` changes, so token caches of the older recipe are not reused.
+_TOKENIZE_RECIPE = "tokenize-v1"
 
 # Builders of `datasets` for single local files, by extension.
 _BUILDER_BY_EXTENSION = {
@@ -51,6 +58,7 @@ _BUILDER_BY_EXTENSION = {
     ".csv": "csv",
 }
 _SAMPLE_BY = ("line", "paragraph", "document")
+_BUNDLED_SHARDS = 8  # shards of the streamed bundled corpus: split_dataset_by_node gives processes whole shards
 
 DataFiles = str | list[str] | dict[str, str | list[str]]
 
@@ -99,7 +107,22 @@ class DataArguments:
             Processes for tokenization (`Dataset.map(num_proc=...)`); `None` tokenizes in this process.
         cache_dir (`str`, *optional*):
             Cache folder for `datasets` and for trained tokenizers (under `<cache_dir>/stackwise_hf/tokenizers`).
-            Defaults to the `datasets` cache and `$HF_HOME/stackwise_hf/tokenizers`.
+            Defaults to the `datasets` cache and `$HF_HOME/stackwise_hf/tokenizers`. Tokenized local corpora
+            are cached there too (keyed by the corpus and the tokenizer), so a second run does not re-tokenize.
+        streaming (`bool`, *optional*, defaults to `False`):
+            Read the corpus as a `datasets.IterableDataset` and tokenize and pack it on the fly
+            (`stackwise_hf.streaming`): memory does not grow with the corpus, each process reads its own
+            shard, and checkpoints record the stream position. Stages then need `max_steps`, and
+            `max_eval_blocks` caps the evaluation blocks (the first ones of the validation split). Without a
+            "validation" split, the held-out documents are those whose text hashes (with `seed`) below
+            `validation_split_percentage`.
+        shuffle_buffer_size (`int`, *optional*, defaults to 1000):
+            With `streaming`, blocks held in the shuffle buffer (each process draws its next block at random
+            from it); 0 or 1 keeps the stream's order.
+        document_mask (`bool`, *optional*):
+            Document-aware packing: position ids restart at each document and attention stays inside it
+            (`stackwise_hf.packing`). `None` (the default) turns it on for causal LM racks and off for
+            bidirectional (masked-objective) ones.
 
     Example:
 
@@ -128,6 +151,9 @@ class DataArguments:
     seed: int = 42
     num_proc: int | None = None
     cache_dir: str | None = None
+    streaming: bool = False
+    shuffle_buffer_size: int = 1000
+    document_mask: bool | None = None
 
     def __post_init__(self):
         # Paths may come as `pathlib.Path`; `datasets` and the tokenizer cache want strings.
@@ -170,6 +196,19 @@ class DataArguments:
             ("seed", _is_int(self.seed, minimum=0), "an integer >= 0"),
             ("num_proc", _is_optional_int(self.num_proc, minimum=1), "None or an integer >= 1"),
             ("cache_dir", _is_optional_name(self.cache_dir), "a folder path or None"),
+            ("streaming", isinstance(self.streaming, bool), "true or false"),
+            ("shuffle_buffer_size", _is_int(self.shuffle_buffer_size, minimum=0), "an integer >= 0"),
+            ("document_mask", self.document_mask is None or isinstance(self.document_mask, bool), "true, false or None (on for causal LM)"),
+            (
+                "max_train_blocks",
+                not self.streaming or self.max_train_blocks is None,
+                "None with streaming=True (bound a streamed run with the stages' max_steps)",
+            ),
+            (
+                "max_eval_blocks",
+                not self.streaming or self.max_eval_blocks is not None,
+                "an integer >= 1 with streaming=True (how many leading validation blocks to evaluate on)",
+            ),
         ]
         for name, valid, allowed in checks:
             if not valid:
@@ -245,8 +284,12 @@ def load_raw_datasets(data_args: DataArguments):
     Args:
         data_args (`DataArguments`): which dataset to load.
 
+    With `data_args.streaming`, both splits are `datasets.IterableDataset`s read lazily, and a dataset
+    without a "validation" split holds out the documents whose text hashes below the percentage.
+
     Returns:
-        `datasets.DatasetDict`: the `"train"` and `"validation"` splits (other splits are dropped).
+        `datasets.DatasetDict` (`datasets.IterableDatasetDict` when streaming): the `"train"` and
+        `"validation"` splits (other splits are dropped).
 
     Raises:
         ValueError: if the dataset has no `"train"` split, or a split lacks `data_args.text_column`
@@ -258,15 +301,20 @@ def load_raw_datasets(data_args: DataArguments):
     if "train" not in raw:
         raise ValueError(f"Dataset {_describe(data_args)} has no 'train' split; its splits are {list(raw)}.")
     for split, dataset in raw.items():
-        if data_args.text_column not in dataset.column_names:
+        # A streamed json/parquet split may not know its columns before it is read: checked when read.
+        if dataset.column_names is not None and data_args.text_column not in dataset.column_names:
             raise ValueError(
                 f"Dataset {_describe(data_args)} split {split!r} has no text column {data_args.text_column!r}; "
                 f"its columns are {dataset.column_names}. Set DataArguments.text_column to one of them."
             )
     if "validation" in raw:
         train, validation = raw["train"], raw["validation"]
+    elif data_args.streaming:
+        train, validation = _hold_out_stream(raw["train"], data_args)
     else:
         train, validation = _hold_out(raw["train"], data_args.validation_split_percentage, data_args.seed)
+    if data_args.streaming:
+        return datasets.IterableDatasetDict({"train": train, "validation": validation})
     return datasets.DatasetDict({"train": train, "validation": validation})
 
 
@@ -284,7 +332,12 @@ def _load_dataset_dict(data_args: DataArguments):
     if data_args.dataset == BUNDLED_DATASET:
         from .shakespeare import load_shakespeare
 
-        return load_shakespeare()
+        bundled = load_shakespeare()
+        if data_args.streaming:  # in memory already; streamed in shards so processes can split it
+            return datasets.IterableDatasetDict(
+                {split: d.to_iterable_dataset(num_shards=min(_BUNDLED_SHARDS, len(d))) for split, d in bundled.items()}
+            )
+        return bundled
 
     path, data_files = data_args.dataset, data_args.data_files
     if path is not None and os.path.isfile(path):
@@ -298,7 +351,9 @@ def _load_dataset_dict(data_args: DataArguments):
     # Only the text builder knows `sample_by`; other builders reject the keyword.
     if path == "text" or (os.path.isdir(path) and _builder_for(_files_in(path), strict=False) == "text"):
         kwargs["sample_by"] = data_args.sample_by
-    logger.info("Loading dataset %s", _describe(data_args))
+    if data_args.streaming:
+        kwargs["streaming"] = True
+    logger.info("Loading dataset %s%s", _describe(data_args), " (streaming)" if data_args.streaming else "")
     return datasets.load_dataset(
         path, data_args.dataset_config, data_files=data_files, cache_dir=data_args.cache_dir, **kwargs
     )
@@ -342,6 +397,26 @@ def _hold_out(train, percentage: float, seed: int):
     held_out = np.sort(order[:n_held_out])
     kept = np.sort(order[n_held_out:])
     return train.select(kept), train.select(held_out)
+
+
+def _hold_out_stream(train, data_args: DataArguments):
+    """Splits a streamed `train` into (train, held-out) by a hash of each document's text and `seed`: a
+    stream has no length to draw indices from, and a hash puts a document on the same side on every run,
+    in every process and whatever the sharding."""
+    column, threshold = data_args.text_column, data_args.validation_split_percentage / 100
+    salt = f"{data_args.seed}\0".encode()
+
+    def held_out(batch) -> list[bool]:
+        return [_unit_hash(salt, text) < threshold for text in batch[column]]
+
+    validation = train.filter(held_out, batched=True)
+    kept = train.filter(lambda batch: [not h for h in held_out(batch)], batched=True)
+    return kept, validation
+
+
+def _unit_hash(salt: bytes, text: str | None) -> float:
+    digest = hashlib.blake2b(salt + (text or "").encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 def _iter_texts(dataset, text_column: str) -> Iterator[str]:
@@ -506,7 +581,12 @@ def build_datasets(data_args: DataArguments, tokenizer):
         ValueError: if the text column is missing (before any tokenization), the tokenizer has no eos or sep
             token, or a split holds fewer than `block_size` tokens.
     """
-    separator_id = _document_separator(tokenizer)
+    if data_args.streaming:
+        raise ValueError(
+            "DataArguments.streaming=True: streamed data is tokenized and packed on the fly by "
+            "stackwise_hf.streaming.TrainStream (and eval_blocks), not built up front by build_datasets."
+        )
+    separator_id = document_separator(tokenizer)
     raw = load_raw_datasets(data_args)
     limits = {"train": data_args.max_train_blocks, "validation": data_args.max_eval_blocks}
     packed = []
@@ -517,7 +597,12 @@ def build_datasets(data_args: DataArguments, tokenizer):
     return packed[0], packed[1]
 
 
-def _document_separator(tokenizer) -> int:
+def document_separator(tokenizer) -> int:
+    """The id that ends each packed document: the tokenizer's eos token, or its sep token.
+
+    Raises:
+        ValueError: if the tokenizer has neither, naming the tokenizer.
+    """
     for name in ("eos_token_id", "sep_token_id"):
         token_id = getattr(tokenizer, name, None)
         if token_id is not None:
@@ -574,6 +659,14 @@ def _tokenize(documents, tokenizer, separator_id: int, data_args: DataArguments)
     import pyarrow as pa
 
     int_list = getattr(datasets, "List", datasets.Sequence)  # `List` from datasets 4, `Sequence` before
+    # An explicit fingerprint (the documents' own, the tokenizer's and the recipe) names the cache file of a
+    # corpus read from disk, so a second run loads its tokens instead of tokenizing again. `datasets` would
+    # otherwise hash the tokenizer object by pickling it, which differs between a freshly trained tokenizer
+    # and the same one loaded back from its cache.
+    fingerprint = hashlib.sha256(
+        f"{_TOKENIZE_RECIPE}\0{documents._fingerprint}\0{tokenizer_fingerprint(tokenizer)}\0"
+        f"{data_args.text_column}\0{separator_id}".encode()
+    ).hexdigest()[:32]
     tokenized = documents.map(
         _tokenize_batch,
         batched=True,
@@ -581,12 +674,24 @@ def _tokenize(documents, tokenizer, separator_id: int, data_args: DataArguments)
         remove_columns=documents.column_names,
         features=datasets.Features({"input_ids": int_list(datasets.Value("int32"))}),
         num_proc=data_args.num_proc,
+        new_fingerprint=fingerprint,
         desc="Tokenizing",
     )
     # Flattening in Arrow copies each token once (4 bytes), with no per-token Python objects.
     column = tokenized.with_format("arrow")["input_ids"]
     chunks = [chunk.flatten() for chunk in column.chunks]
     return pa.concat_arrays(chunks) if chunks else pa.array([], type=pa.int32())
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what tokenization depends on: the backend's full definition for a fast tokenizer (normalizer,
+    pre-tokenizer, model, added tokens), else the class, vocabulary and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()
+    else:
+        text = f"{type(tokenizer).__name__}\0{sorted(tokenizer.get_vocab().items())}\0{tokenizer.all_special_ids}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
 def _pack(tokens, block_size: int):

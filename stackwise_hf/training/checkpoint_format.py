@@ -60,6 +60,7 @@ TRAINER_STATE_NAME = "trainer_state.json"
 RUN_STATE_NAME = "run_state.json"
 RACK_DIR = "rack"
 RNG_DIR = "rng"
+DATA_DIR = "data"  # per process: the streamed corpus position (`streaming.TrainStream.state_dict()`)
 CUSTOM_DIR = "custom"
 ACTIVATION_CACHE_DIR = "activation_cache"
 PREFIX = "checkpoint-"

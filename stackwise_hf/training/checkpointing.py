@@ -44,6 +44,7 @@ from ..errors import CheckpointError, CorruptFileError, ShapeMismatchError
 from .checkpoint_format import (
     ACTIVATION_CACHE_DIR,
     CUSTOM_DIR,
+    DATA_DIR,
     MANIFEST_NAME,
     PREFIX,
     RACK_DIR,
@@ -90,6 +91,8 @@ class CheckpointContents:
         optimizer / scheduler / scaler: saved when given (the optimizer keyed by parameter name).
         optimizer_state: the optimizer's state dict when it is not `optimizer.state_dict()` (gathered shards).
         objects: objects registered for checkpointing (`state_dict` / `load_state_dict`), in order.
+        data_position: this process's data position when it is its own (a streamed corpus,
+            `streaming.TrainStream`): every process writes its `state_dict()`, as with the RNG states.
         activation_cache: a mapping of names to tensors, or an object with `save(directory)` (a `TrunkCache`).
         epoch / loss / eval_loss: recorded in the listing.
         run_state: resume bookkeeping (`accelerator_step`, `seed`, `schedule_origin`, `stage_total_steps`).
@@ -104,6 +107,7 @@ class CheckpointContents:
     scaler: object = None
     optimizer_state: dict | None = None
     objects: Sequence = ()
+    data_position: object = None
     activation_cache: object = None
     epoch: int | None = None
     loss: float | None = None
@@ -169,6 +173,8 @@ class CheckpointManager:
             if accelerator.is_main_process:
                 self._write_main_parts(tmp, contents)
             write_state(tmp / RNG_DIR, f"process_{accelerator.process_index}", capture_rng())
+            if contents.data_position is not None:
+                write_state(tmp / DATA_DIR, f"process_{accelerator.process_index}", contents.data_position.state_dict())
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 seal_checkpoint(os.fspath(tmp), self._summary(contents, tmp))
@@ -412,6 +418,30 @@ class CheckpointManager:
         if restored.run_state.get("has_scheduler") and scheduler is not None:
             scheduler.load_state_dict(read_state(directory, "scheduler"))
         self._restore_rng(directory)
+
+    def restore_data_position(self, directory: str, data_position) -> None:
+        """Puts this process's saved data position into `data_position` (a `streaming.TrainStream`; None for
+        in-memory data, whose position is the trainer state's epoch and batch count).
+
+        Raises:
+            CheckpointError: if the checkpoint and the run disagree on streaming, or the position does not
+                fit the stream (another process layout or block size).
+        """
+        stem = f"process_{self.accelerator.process_index}"
+        saved = os.path.isfile(os.path.join(directory, DATA_DIR, f"{stem}.json"))
+        if data_position is None:
+            if saved:
+                raise CheckpointError(f"{directory}: written by a run that streamed its corpus (data.streaming: true); "
+                                      "this run holds its data in memory. Resume with the same data settings.")
+            return
+        if not saved:
+            raise CheckpointError(f"{directory}: holds no streamed-data position for process "
+                                  f"{self.accelerator.process_index} (written by a run with in-memory data, or with "
+                                  "fewer processes); a streamed run cannot resume exactly from it.")
+        try:
+            data_position.load_state_dict(read_state(os.path.join(directory, DATA_DIR), stem))
+        except (ValueError, KeyError) as err:  # streaming.StreamStateError is a ValueError
+            raise CheckpointError(f"{directory}: its streamed-data position does not fit this run: {err}") from err
 
     def _restore_rng(self, directory: str) -> None:
         rank = self.accelerator.process_index

@@ -229,23 +229,25 @@ class StageModule(nn.Module):
         self.train_embeddings = train_embeddings
         self.stop = stop
 
-    def trunk_forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def trunk_forward(self, input_ids: torch.Tensor, attention_mask=None, position_ids=None) -> torch.Tensor:
         """The frozen trunk's output (hidden states entering `first_trained`), without grad."""
         body = self.rack.base_model
         with torch.no_grad():
             hidden = body.embed_tokens(input_ids)
-            attention = body.attention_inputs(hidden)
+            attention = body.attention_inputs(hidden, attention_mask, position_ids)
             return body.forward_stacks(hidden, 0, self.first_trained, **attention)
 
-    def forward(self, input_ids=None, labels=None, weights=None, trunk_hidden=None):
+    def forward(self, input_ids=None, labels=None, weights=None, trunk_hidden=None, attention_mask=None,
+                position_ids=None):
+        # attention_mask / position_ids: packed documents kept apart (`stackwise_hf.packing`), or None.
         body = self.rack.base_model
         if trunk_hidden is not None:
             hidden = trunk_hidden
         elif self.train_embeddings:
             hidden = body.embed_tokens(input_ids)
         else:
-            hidden = self.trunk_forward(input_ids)
-        attention = body.attention_inputs(hidden)
+            hidden = self.trunk_forward(input_ids, attention_mask, position_ids)
+        attention = body.attention_inputs(hidden, attention_mask, position_ids)
         hidden = body.forward_stacks(hidden, self.first_trained, self.stop, **attention)  # (B, T, H)
         hidden = body.norm(hidden.to(body.norm.weight.dtype))
         return self.objective.loss(hidden, self.rack.get_output_embeddings(), labels, weights)

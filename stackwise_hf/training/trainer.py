@@ -30,10 +30,11 @@ from transformers import get_scheduler
 
 from .. import adapters
 from ..configuration_stackwise import StackWiseConfig
-from ..data import build_datasets, check_tokenizer_fits, load_or_train_tokenizer
+from ..data import build_datasets, check_tokenizer_fits, document_separator, load_or_train_tokenizer
 from ..errors import CheckpointError, NonFiniteError
 from ..layout import TRUNK, stack_adapter_name
 from ..modeling_stackwise import StackWiseForCausalLM, StackWiseForMaskedLM
+from ..packing import DocumentMasking
 from .arguments import TrainingArguments
 from .batches import EpochSampler, IndexedBlocks, batch_input_ids, indexed_loader
 from .checkpoint_format import checkpoint_directory
@@ -104,6 +105,8 @@ class ProgressiveTrainer(GuideTrainerMixin):
         self.meter = ThroughputMeter(self.accelerator.device, self.accelerator.num_processes)
         self.schedule: list[ResolvedStage] = []
         self.trunk_cache: TrunkCache | None = None  # from the first stage with `trunk_mode: cache` on
+        self.train_stream = None  # a `streaming.TrainStream` (data.streaming: true); checkpoints keep its position
+        self.documents: DocumentMasking | None = None  # document-aware packing (data.document_mask)
         self.checkpoints = CheckpointManager(self.args, self.accelerator)
         self.checkpoint_objects: list = []  # `register_for_checkpointing`
         self.schedule_origin: list[int] | None = None  # the stack layout the schedule starts from
@@ -132,6 +135,8 @@ class ProgressiveTrainer(GuideTrainerMixin):
         self.schedule = resolve_schedule(self.experiment.stages, self.rack.config.stack_sizes, self.args.max_stacks)
         self._check_objectives()
         check_trunk_quantization(self.rack.config, self.schedule)
+        self._check_streaming()
+        self.documents = self._document_masking()
         self.rack.to(self.accelerator.device)
         if self.accelerator.trackers == [] and resolve_trackers(self.args.report_to):
             self.accelerator.init_trackers(self.args.project_name, config=_flat_config(self.experiment))
@@ -282,10 +287,12 @@ class ProgressiveTrainer(GuideTrainerMixin):
         # Masks are drawn anew each epoch, except over a cache, which holds the trunk's output over epoch 0's.
         epoch = 0 if run.stage.config.trunk_mode == "cache" else self.state.epoch
         prepared = run.objective.prepare(input_ids, run.stage.index, sample_ids, epoch=epoch)
+        documents = self._document_inputs(input_ids)
         with self.accelerator.accumulate(run.module):
             with self.accelerator.autocast():
-                loss, _ = run.module(prepared.input_ids, prepared.labels, prepared.weights,
-                                     trunk_hidden=self._trunk_hidden(run, "train", sample_ids))
+                loss, _ = run.module(prepared.input_ids, self._document_labels(prepared.labels, documents),
+                                     prepared.weights, trunk_hidden=self._trunk_hidden(run, "train", sample_ids),
+                                     **documents)
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients:
                 # With no clipping, an infinite max norm only measures (the norm is logged either way).
@@ -321,6 +328,9 @@ class ProgressiveTrainer(GuideTrainerMixin):
             self.save_checkpoint("interval", self.rack, run=run, stack_idx=run.stage.stack)
 
     def _epoch_batches(self, run: StageRun):
+        if self.train_stream is not None and run.train_loader is self.train_stream:
+            # A stream keeps its own position (checkpointed); it yields up to the end of its current epoch.
+            return self.train_stream.epoch_batches(self.accelerator.device)
         loader = run.train_loader
         if self.state.epoch_batches:
             loader = self.accelerator.skip_first_batches(loader, self.state.epoch_batches)
@@ -336,6 +346,10 @@ class ProgressiveTrainer(GuideTrainerMixin):
         if dataloader is not None:
             loader = indexed_loader(dataloader)
             return loader, loader.dataset.blocks if isinstance(loader.dataset, IndexedBlocks) else None, None
+        if self.train_stream is not None:
+            # Passed through `prepare` untouched: each process already reads its own shard, and Accelerate's
+            # loader reads a batch ahead, which would save a stream position one batch past the trained one.
+            return self.train_stream, None, None
         if self.train_dataset is None:
             raise ValueError("no training data: pass `train_dataset`, or call `train()` so the `data:` section builds it.")
         sampler = EpochSampler(len(self.train_dataset), seed=self.args.seed * 1000 + stage.index)
@@ -397,9 +411,11 @@ class ProgressiveTrainer(GuideTrainerMixin):
         for i, batch in enumerate(batches):
             prepared = run.objective.prepare(batch["input_ids"].to(device), run.stage.index,
                                              batch["sample_id"].to(device), evaluation=True)
+            documents = self._document_inputs(batch["input_ids"].to(device))
             with self.accelerator.autocast():
-                loss, n = module(prepared.input_ids, prepared.labels, prepared.weights,
-                                 trunk_hidden=self._trunk_hidden(run, "eval", batch["sample_id"]))
+                loss, n = module(prepared.input_ids, self._document_labels(prepared.labels, documents),
+                                 prepared.weights, trunk_hidden=self._trunk_hidden(run, "eval", batch["sample_id"]),
+                                 **documents)
             if i < counted:
                 total += loss.double() * n
                 count += n
@@ -458,6 +474,7 @@ class ProgressiveTrainer(GuideTrainerMixin):
             report = self.trunk_cache.sync(
                 module, objective, stage.index, datasets, rows=rows, tokenizer=self.tokenizer,
                 device=self.accelerator.device, autocast=self.accelerator.autocast, precision=self.args.mixed_precision,
+                documents=self.documents,
             )
         self.state.train_seconds += time.perf_counter() - started  # building the cache is training time
         self.run_log.record("trunk_cache", self.state.global_step, stage=stage.index, **report.as_dict())
@@ -527,7 +544,8 @@ class ProgressiveTrainer(GuideTrainerMixin):
         path = self.checkpoints.save(CheckpointContents(
             kind=kind, rack=rack, state=self.state, stack_idx=stack_idx, optimizer=optimizer,
             scheduler=run.scheduler if run is not None else None, scaler=self.accelerator.scaler,
-            optimizer_state=optimizer_state, objects=self.checkpoint_objects, activation_cache=activation_cache,
+            optimizer_state=optimizer_state, objects=self.checkpoint_objects, data_position=self.train_stream,
+            activation_cache=activation_cache,
             epoch=epoch, loss=loss, eval_loss=eval_loss,
             run_state={"accelerator_step": self.accelerator.step, "seed": self.args.seed,
                        "schedule_origin": self.schedule_origin,
@@ -546,6 +564,8 @@ class ProgressiveTrainer(GuideTrainerMixin):
         restored = self.checkpoints.restore(path, rack, optimizer=optimizer, map_location=map_location,
                                             verify_hashes=verify_hashes, objects=self.checkpoint_objects,
                                             scaler=self.accelerator.scaler, accept=accept)
+        if self.schedule:  # set up, so the data is there; a restore before `train()` does this in `_resume`
+            self.checkpoints.restore_data_position(restored.directory, self.train_stream)
         self.rack = rack
         self.state = restored.state
         self.run_log.replace_history(restored.state.log_history)
@@ -563,6 +583,7 @@ class ProgressiveTrainer(GuideTrainerMixin):
                 self.schedule = resolve_schedule(self.experiment.stages, origin, self.args.max_stacks)
                 self.schedule_origin = list(origin)
                 self._check_fits_schedule(self._restored)
+            self.checkpoints.restore_data_position(self._restored.directory, self.train_stream)
             return
         self.schedule_origin = list(self.rack.config.stack_sizes)
         spec = self.args.resume_from_checkpoint
@@ -627,8 +648,63 @@ class ProgressiveTrainer(GuideTrainerMixin):
             if self.tokenizer is None:
                 self.tokenizer = load_or_train_tokenizer(data_args)
             check_tokenizer_fits(self.tokenizer, self.experiment.model.vocab_size)
-            self.train_dataset, self.eval_dataset = build_datasets(data_args, self.tokenizer)
+            if data_args.streaming:
+                self._setup_stream(data_args)
+            else:
+                self.train_dataset, self.eval_dataset = build_datasets(data_args, self.tokenizer)
         _fill_special_tokens(self.experiment.model, self.tokenizer)
+
+    # Streamed data and document-aware packing (`data.streaming`, `data.document_mask`) ---------------
+
+    def _setup_stream(self, data_args) -> None:
+        from ..streaming import TrainStream, eval_blocks  # imports datasets: only where data is loaded
+
+        self.train_stream = TrainStream(
+            data_args, self.tokenizer, batch_size=self.args.per_device_train_batch_size,
+            rank=self.accelerator.process_index, world_size=self.accelerator.num_processes, seed=self.args.seed,
+        )
+        if self.eval_dataset is None:
+            self.eval_dataset = eval_blocks(data_args, self.tokenizer)
+
+    def _check_streaming(self) -> None:
+        """A streamed corpus has no length and is never held whole: refuse what needs either, before training."""
+        if self.train_stream is None:
+            return
+        for stage in self.schedule:
+            if stage.config.max_steps is None:
+                raise ValueError(f"stage {stage.name}: a streamed corpus (data.streaming: true) has no length known "
+                                 f"before it is read, so num_epochs={stage.config.num_epochs} cannot be counted in "
+                                 "steps; give the stage max_steps.")
+            if stage.config.trunk_mode == "cache":
+                raise ValueError(
+                    f"stage {stage.name}: trunk_mode 'cache' stores the trunk's output per block of a dataset held "
+                    "whole, and a streamed corpus (data.streaming: true) is never held whole; use trunk_mode "
+                    "'recompute' (with trunk_dtype or trunk_quantization to shrink the trunk), or data.streaming: "
+                    "false."
+                )
+
+    def _document_masking(self) -> DocumentMasking | None:
+        """Document-aware packing when `data.document_mask` says so (default: on for a causal rack) and a
+        document separator is known: the tokenizer's eos (or sep), else the rack's `eos_token_id`."""
+        causal = self.rack.config.attention_mode == "causal"
+        wanted = self.experiment.data.document_mask
+        if wanted is False or (wanted is None and not causal):
+            return None
+        separator = document_separator(self.tokenizer) if self.tokenizer is not None else self.rack.config.eos_token_id
+        if separator is None:
+            if wanted:
+                raise ValueError("data.document_mask: true needs a document separator: a tokenizer with an eos (or "
+                                 "sep) token, or the rack's eos_token_id; neither is set.")
+            logger.info("Document-aware packing is off: no tokenizer and no eos_token_id to find document starts.")
+            return None
+        return DocumentMasking(separator_id=int(separator), causal=causal)
+
+    def _document_inputs(self, input_ids: torch.Tensor) -> dict:
+        """`position_ids` and the block-diagonal `attention_mask` of a batch's packed documents, or {}."""
+        return self.documents.model_inputs(input_ids) if self.documents is not None else {}
+
+    def _document_labels(self, labels: torch.Tensor, documents: dict) -> torch.Tensor:
+        return self.documents.labels(labels, documents) if self.documents is not None else labels
 
     def _build_rack(self):
         """A rack for the schedule's objectives, on a copy of the model config (masked objectives need

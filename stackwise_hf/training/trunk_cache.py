@@ -125,6 +125,7 @@ class TrunkCache:
         self.offloaded: list[int] = []
         self.active = False  # False when the stage's trunk is empty (nothing to look up)
         self._feeder = _PinnedFeeder()
+        self._layout = _DocumentLayout()
         self._data_hashes: dict[tuple, str] = {}
         if self.directory is not None:
             self._open_directory()
@@ -132,10 +133,11 @@ class TrunkCache:
     # Building and extending ------------------------------------------------------------------------
 
     def sync(self, module, objective, stage_index: int, datasets: dict, rows: dict | None = None, tokenizer=None,
-             device=None, autocast=None, precision: str = "no") -> CacheReport:
+             device=None, autocast=None, precision: str = "no", documents=None) -> CacheReport:
         """Makes the cache hold the output of `module`'s frozen trunk for this stage: reuses, extends or
         builds it. `datasets` maps "train"/"eval" to token-block datasets; `rows` caps how many leading
-        blocks of each split are cached (the eval loader reads only the first few batches)."""
+        blocks of each split are cached (the eval loader reads only the first few batches). `documents`
+        (a `packing.DocumentMasking`) keeps packed documents apart in the trunk as in training."""
         depth = module.first_trained
         rack = module.rack
         if self.directory is not None:
@@ -149,6 +151,9 @@ class TrunkCache:
         self.active = True
         autocast = autocast or contextlib.nullcontext
         wanted = self._fingerprint(rack, objective, stage_index, depth, datasets, rows, tokenizer, precision)
+        # Per block, the trunk's attention follows the block's documents: rebuilt from its tokens, never stored.
+        wanted["documents"] = None if documents is None else [documents.separator_id, documents.causal]
+        self._layout = _DocumentLayout(documents, datasets)
         size = self._size(rack, depth, datasets, rows)
         logger.info("trunk cache for stage %d: output of stacks [0, %d) over %s blocks: %s (budget %s, %s).",
                     stage_index, depth, rows, _human(size), _human(self.budget), self.directory or "in memory")
@@ -238,8 +243,9 @@ class TrunkCache:
                         for start in range(0, store.rows, self.batch_size):
                             stop = min(start + self.batch_size, store.rows)
                             hidden = store.slice(start, stop).to(device)
+                            documents = self._layout(split, start, stop, device)
                             with autocast():
-                                hidden = stack(hidden, **body.attention_inputs(hidden))
+                                hidden = stack(hidden, **body.attention_inputs(hidden, **documents))
                             writer.write(start, hidden.to(stack.dtype))
                         store.close()
                         self.stores[split] = writer.finish()
@@ -430,6 +436,19 @@ def _on_device(module: torch.nn.Module, device):
         yield
     finally:
         module.to(home)
+
+
+class _DocumentLayout:
+    """The document-aware attention inputs (`packing.DocumentMasking.model_inputs`) of cached rows, from the
+    blocks' tokens; `{}` without document masking."""
+
+    def __init__(self, documents=None, datasets: dict | None = None):
+        self.documents, self.datasets = documents, datasets or {}
+
+    def __call__(self, split: str, start: int, stop: int, device) -> dict:
+        if self.documents is None:
+            return {}
+        return self.documents.model_inputs(_block_rows(self.datasets[split], start, stop).to(device))
 
 
 def _same_inputs(have: dict, wanted: dict) -> bool:
