@@ -278,6 +278,31 @@ def test_max_blocks_take_the_first_blocks_of_the_full_packing(tmp_path, tiny_tok
     assert torch.equal(evaluation[:]["input_ids"], full_eval[:3]["input_ids"])
 
 
+def test_a_tokenized_corpus_is_cached_and_the_second_run_does_not_tokenize(tmp_path, tiny_tokenizer, monkeypatch):
+    """Several processes tokenize; the tokens are cached under `cache_dir`, keyed by the corpus and the
+    tokenizer's definition, so a second run (with the tokenizer loaded back from disk, as a new process
+    loads it) reads them instead of tokenizing again."""
+    from transformers import AutoTokenizer
+
+    path = _write(tmp_path, "json", _documents(300))
+    data_args = DataArguments(dataset=path, block_size=16, num_proc=2, cache_dir=str(tmp_path / "cache"))
+    first = build_datasets(data_args, tiny_tokenizer)
+    cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("cache-*.arrow")}
+    assert len(cached) >= 2  # one file per tokenizing process (at least)
+
+    tiny_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("the second run tokenized the corpus again")
+
+    monkeypatch.setattr(type(loaded), "__call__", no_tokenizing)
+    second = build_datasets(data_args, loaded)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("cache-*.arrow")} == cached
+    for a, b in zip(first, second):
+        assert torch.equal(a[:]["input_ids"], b[:]["input_ids"])
+
+
 def test_missing_text_column_is_reported_before_tokenizing(tmp_path):
     class NoTokenizing:
         eos_token_id = 0

@@ -1,7 +1,14 @@
 """Streamed corpora (stackwise_hf/streaming.py): what the stream yields, how processes split it, the
 shuffle buffer, the exact resume through a checkpoint, and the trainer with `data.streaming: true`."""
 
+import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +21,10 @@ from stackwise_hf.training import ExperimentConfig, ProgressiveTrainer  # noqa: 
 from stackwise_hf.training.checkpoint_format import read_state, write_state  # noqa: E402
 
 BLOCK = 16
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("checkpoint_worker", ROOT / "tests/scripts/checkpoint_worker.py")
+worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(worker)
 
 
 def _documents(n: int, tag: str = "") -> list[str]:
@@ -218,3 +229,36 @@ def test_a_streamed_run_does_not_resume_from_an_in_memory_checkpoint(tmp_path, t
     with pytest.raises(CheckpointError, match="holds no streamed-data position for process 0"):
         ProgressiveTrainer(_experiment(tmp_path / "s", files, stages=stages, resume_from_checkpoint=path),
                            tokenizer=tokenizer).train()
+
+
+def test_streamed_run_killed_inside_a_save_then_resumed_is_bit_identical(tmp_path):
+    """`tests/scripts/checkpoint_worker.py --stream`: three stages over a streamed folder, killed with SIGKILL
+    while it writes its third checkpoint, resumed from the latest one: the final weights equal those of an
+    uninterrupted run bit for bit (the stream position, packer carry and shuffle buffer were restored)."""
+    corpus = tmp_path / "corpus"
+    _write(corpus, "train", "text", _documents(300))
+    _write(corpus, "validation", "text", _documents(20, "v"))
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tests/scripts/checkpoint_worker.py"), str(out),
+                                 "--stream", str(corpus), "--save-delay", "0.3"], env=env, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        reference = ProgressiveTrainer(worker.experiment(str(tmp_path / "reference"), "tiny", False, str(corpus)))
+        reference.train()
+        third_save, deadline = out / "checkpoints" / "checkpoint-00000008.tmp", time.monotonic() + 300
+        while not third_save.is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr.txt").read_text()[-3000:]
+            time.sleep(0.005)
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    resumed = ProgressiveTrainer(worker.experiment(str(out), "tiny", True, str(corpus)))
+    resumed.train()
+    assert resumed.get_training_info()["resumed_from"].endswith("checkpoint-00000006")
+    assert worker.weights_sha256(resumed.rack) == worker.weights_sha256(reference.rack)

@@ -1,11 +1,13 @@
 """Worker for the crash-and-resume test and `bench/crash_resume.py`: trains a small progressive run with
 frequent checkpoints and writes a hash of the final weights to <out>/result.json.
 
-    python tests/scripts/checkpoint_worker.py OUT [--resume] [--save-delay S] [--size tiny|small]
+    python tests/scripts/checkpoint_worker.py OUT [--resume] [--save-delay S] [--size tiny|small] [--stream DIR]
 
 `--resume` starts from the newest valid checkpoint in <out>/checkpoints (from scratch when there is none).
 `--save-delay` sleeps inside every save, after the files are written and before the manifest, so a kill
-lands during a save. The parent kills this process with SIGKILL at a moment of its choosing.
+lands during a save. `--stream DIR` trains on the text files of DIR (train.txt, validation.txt) streamed
+(`data.streaming: true`, a BPE tokenizer trained once and cached under OUT/../cache) instead of in-memory
+synthetic blocks. The parent kills this process with SIGKILL at a moment of its choosing.
 """
 
 import argparse
@@ -33,11 +35,17 @@ SIZES = {
 }
 
 
-def experiment(out: str, size: str, resume: bool) -> ExperimentConfig:
+def experiment(out: str, size: str, resume: bool, stream: str | None = None) -> ExperimentConfig:
     spec = SIZES[size]
     s0, s1, s2 = spec["steps"]
+    model, data = dict(spec["model"]), {}
+    if stream is not None:
+        model["vocab_size"] = 320
+        data = {"dataset": stream, "streaming": True, "block_size": spec["length"], "tokenizer_vocab_size": 300,
+                "max_eval_blocks": 16, "shuffle_buffer_size": 8, "cache_dir": os.path.join(out, os.pardir, "cache")}
     return ExperimentConfig.from_dict({
-        "model": spec["model"],
+        "model": model,
+        "data": data,
         "training": {"output_dir": f"{out}/run", "checkpoint_dir": f"{out}/checkpoints",
                      "save_interval": spec["interval"], "save_total_limit": None, "gradient_accumulation_steps": 2,
                      "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "logging_steps": 2,
@@ -66,6 +74,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--save-delay", type=float, default=0.0)
     parser.add_argument("--size", default="tiny", choices=sorted(SIZES))
+    parser.add_argument("--stream", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.save_delay:
@@ -78,9 +87,12 @@ def main() -> None:
         checkpointing.seal_checkpoint = slow_seal
     spec = SIZES[args.size]
     vocab = spec["model"]["vocab_size"]
-    trainer = ProgressiveTrainer(experiment(args.out, args.size, args.resume),
-                                 train_dataset=synthetic_blocks(spec["blocks"], spec["length"], vocab),
-                                 eval_dataset=synthetic_blocks(16, spec["length"], vocab, seed=1))
+    if args.stream is not None:
+        trainer = ProgressiveTrainer(experiment(args.out, args.size, args.resume, args.stream))
+    else:
+        trainer = ProgressiveTrainer(experiment(args.out, args.size, args.resume),
+                                     train_dataset=synthetic_blocks(spec["blocks"], spec["length"], vocab),
+                                     eval_dataset=synthetic_blocks(16, spec["length"], vocab, seed=1))
     with open(os.path.join(args.out, "started"), "w") as f:
         f.write(str(time.time()))
     started = time.perf_counter()
