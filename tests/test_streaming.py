@@ -105,7 +105,7 @@ def test_processes_read_disjoint_parts_that_cover_the_corpus(tmp_path, tokenizer
     texts = []
     for rank in (0, 1):
         stream = TrainStream(_args(files), tokenizer, batch_size=2, rank=rank, world_size=2)
-        texts.append([row["text"] for row in stream._dataset])
+        texts.append([row["text"] for row in stream._reader.dataset])
     assert texts[0] and texts[1] and not set(texts[0]) & set(texts[1])
     everything = [t for k in range(train_files) for t in _documents(80 // train_files, f"{k}-")]
     assert sorted(texts[0] + texts[1]) == sorted(everything)
