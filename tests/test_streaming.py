@@ -262,3 +262,42 @@ def test_streamed_run_killed_inside_a_save_then_resumed_is_bit_identical(tmp_pat
     resumed.train()
     assert resumed.get_training_info()["resumed_from"].endswith("checkpoint-00000006")
     assert worker.weights_sha256(resumed.rack) == worker.weights_sha256(reference.rack)
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_stream_different_blocks_and_agree_on_weights(tmp_path):
+    """`torchrun --nproc_per_node 2` on the CPU (gloo): each process trains on its own part of a streamed
+    folder of two files (one file each), no block reaches both, and DDP leaves identical weights."""
+    import socket
+
+    import yaml
+
+    corpus = tmp_path / "corpus"
+    for k in range(2):
+        _write(corpus / "train", f"part{k}", "text", _documents(120, f"{k}-"))
+    _write(corpus / "validation", "valid", "text", _documents(20, "v"))
+    document = {
+        "model": {"vocab_size": 320, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "stack_sizes": [1], "max_position_embeddings": 64},
+        "data": {"dataset": str(corpus), "streaming": True, "block_size": BLOCK, "tokenizer_vocab_size": 300,
+                 "max_eval_blocks": 4, "shuffle_buffer_size": 6, "cache_dir": str(tmp_path / "cache")},
+        "training": {"output_dir": str(tmp_path / "run"), "per_device_train_batch_size": 4, "logging_steps": 2,
+                     "report_to": "none", "plot": False, "save_interval": None},
+        "stages": [{"max_steps": 6, "train": ["stack", "head", "embeddings"]},
+                   {"grow": "append", "n_blocks": 1, "max_steps": 4}],
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(document))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", port,
+           str(ROOT / "tests/scripts/ddp_worker.py"), str(tmp_path / "config.yaml"), str(tmp_path), "stream"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["num_processes"] for r in ranks] == [2, 2]
+    assert ranks[0]["sha256"] == ranks[1]["sha256"]
+    blocks = [{tuple(b) for b in r["blocks"]} for r in ranks]
+    assert len(ranks[0]["blocks"]) == len(ranks[1]["blocks"]) == 10 * 4
+    assert not blocks[0] & blocks[1]

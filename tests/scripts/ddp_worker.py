@@ -6,6 +6,9 @@ configs/accelerate/fsdp.yaml` and Accelerate builds the FSDP2 plugin from that f
 FSDP on only for accelerator machines (on the CPU its state says MULTI_CPU and ignores the plugin), so
 the worker relabels the state as MULTI_GPU first: everything after that - `fsdp2_prepare_model`,
 `fully_shard` of each stack over gloo, DTensor gradients and clipping - is the real code path.
+
+With `stream`, the worker trains on the config's `data:` section (a streamed corpus) instead of synthetic
+blocks and also records every training block it saw.
 """
 
 import hashlib
@@ -33,8 +36,19 @@ def main(config_path: str, out_dir: str, mode: str = "ddp") -> None:
     torch.set_num_threads(1)
     experiment = ExperimentConfig.from_yaml(config_path)
     accelerator = fsdp_accelerator() if mode == "fsdp" else None
-    trainer = ProgressiveTrainer(experiment, train_dataset=synthetic_blocks(64), eval_dataset=synthetic_blocks(20, seed=1),
-                                 accelerator=accelerator)
+    if mode == "stream":
+        trainer = ProgressiveTrainer(experiment)
+    else:
+        trainer = ProgressiveTrainer(experiment, train_dataset=synthetic_blocks(64),
+                                     eval_dataset=synthetic_blocks(20, seed=1), accelerator=accelerator)
+    seen = []  # the training blocks this process trained on
+    micro_batch = trainer._train_micro_batch
+
+    def record_and_train(run, batch):
+        seen.extend(batch["input_ids"].tolist())
+        return micro_batch(run, batch)
+
+    trainer._train_micro_batch = record_and_train
     sharded = []  # per stage: the stacks `prepare` made FSDP units
     enter = trainer.enter_stage
 
@@ -56,7 +70,7 @@ def main(config_path: str, out_dir: str, mode: str = "ddp") -> None:
         json.dump({"rank": rank, "num_processes": trainer.accelerator.num_processes, "sha256": digest.hexdigest(),
                    "distributed_type": str(trainer.accelerator.distributed_type), "sharded_stacks": sharded,
                    "final_loss": result.final_loss, "eval_loss": result.eval_loss,
-                   "stage_eval": [s.eval_loss for s in result.stages]}, f)
+                   "stage_eval": [s.eval_loss for s in result.stages], "blocks": seen}, f)
 
 
 if __name__ == "__main__":
