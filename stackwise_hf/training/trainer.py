@@ -433,9 +433,10 @@ class ProgressiveTrainer(GuideTrainerMixin):
         return metrics
 
     def _eval_loader(self) -> tuple[DataLoader, int]:
-        """This process's eval batches (every `num_processes`-th) and how many of them count. Under FSDP
-        every process must run the same number of forward passes (they gather shards together), so a
-        process with fewer batches repeats the first batch, uncounted."""
+        """This process's eval batches (every `num_processes`-th) and how many of them count. With several
+        processes every process must run the same number of forward passes (FSDP gathers shards together;
+        DDP's forward broadcasts the module's buffers), so a process with fewer batches repeats the first
+        batch, uncounted."""
         blocks = IndexedBlocks(self.eval_dataset)
         size = self.args.per_device_eval_batch_size
         n_batches = math.ceil(len(blocks) / size)
@@ -444,7 +445,7 @@ class ProgressiveTrainer(GuideTrainerMixin):
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         mine = [list(range(b * size, min((b + 1) * size, len(blocks)))) for b in range(rank, n_batches, world)]
         counted = len(mine)
-        if uses_fsdp(self.accelerator):
+        if world > 1:
             mine += [list(range(min(size, len(blocks))))] * (math.ceil(n_batches / world) - counted)
         return DataLoader(blocks, batch_sampler=mine), counted
 

@@ -8,7 +8,7 @@ the worker relabels the state as MULTI_GPU first: everything after that - `fsdp2
 `fully_shard` of each stack over gloo, DTensor gradients and clipping - is the real code path.
 
 With `stream`, the worker trains on the config's `data:` section (a streamed corpus) instead of synthetic
-blocks and also records every training block it saw.
+blocks, and also records every training block it saw and the documents of its part of the stream.
 """
 
 import hashlib
@@ -70,7 +70,10 @@ def main(config_path: str, out_dir: str, mode: str = "ddp") -> None:
         json.dump({"rank": rank, "num_processes": trainer.accelerator.num_processes, "sha256": digest.hexdigest(),
                    "distributed_type": str(trainer.accelerator.distributed_type), "sharded_stacks": sharded,
                    "final_loss": result.final_loss, "eval_loss": result.eval_loss,
-                   "stage_eval": [s.eval_loss for s in result.stages], "blocks": seen}, f)
+                   "stage_eval": [s.eval_loss for s in result.stages], "blocks": seen,
+                   # The documents of this process's part of the stream (read again, after training).
+                   "texts": [row["text"] for row in trainer.train_stream._reader.dataset] if mode == "stream" else []},
+                  f)
 
 
 if __name__ == "__main__":
