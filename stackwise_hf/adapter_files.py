@@ -44,7 +44,9 @@ from .adapters import (
     remove_all_adapters,
     trainable_adapters,
 )
-from .errors import CorruptFileError, ShapeMismatchError
+from .atomic import replacing
+from .checksums import hash_files, sha256_file
+from .errors import CorruptFileError, ShapeMismatchError, UnsupportedFormatError
 from .layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_ENTRY_KEYS,
@@ -53,7 +55,10 @@ from .layout import (
     ADAPTER_MANIFEST_NAME,
     ADAPTER_WEIGHTS_FILE,
     ADAPTERS_DIR,
+    DIGESTS_KEY,
     PEFT_KEY_PREFIX,
+    SAFE_NAME,
+    is_adapter_file,
 )
 from .resolver import Resolver, has_file, resolver_for
 from .serialization import atomic_save_tensors, atomic_write_json, load_tensors, read_json
@@ -70,30 +75,31 @@ def save_adapters(rack, path: str | os.PathLike) -> str:
     Each folder holds `adapter_config.json` and `adapter_model.safetensors` exactly as
     `PeftModel.save_pretrained(path/adapters)` writes them; the manifest
     `path/adapters/stackwise_adapters.json` lists each adapter's stacks, projections, ranks, alphas,
-    activity and trainability, and the merged adapters (`merged: true`, no folder). Folders an earlier
-    manifest listed that are no longer live are removed after the new manifest is in place. With no
-    adapters and no merge records, nothing is written (and a stale manifest is removed).
+    activity and trainability, and the merged adapters (`merged: true`, no folder). The adapter set
+    replaces an earlier one in one atomic step (`atomic.replacing`): folders no longer live go, other
+    files a user put under `adapters/` stay. With no adapters and no merge records, no manifest is written.
 
     Returns:
         The adapters directory.
     """
     directory = os.path.join(os.fspath(path), ADAPTERS_DIR)
-    manifest_file = os.path.join(directory, ADAPTER_MANIFEST_NAME)
-    previous = _previous_folders(manifest_file)
     live = adapter_names(rack)
     entries = [{**r, "folder": None} for r in merged_adapters(rack)]
+    if not entries and not live and not os.path.isdir(directory):
+        return directory
     active, trainable = set(active_adapters(rack)), set(trainable_adapters(rack))
-    for name in live:
-        _save_one(rack, name, os.path.join(directory, name))
-        entries.append({**describe_adapter(rack, name), "merged": False, "folder": name,
-                        "active": name in active, "trainable": name in trainable})
-    if entries:
-        os.makedirs(directory, exist_ok=True)
-        atomic_write_json(manifest_file, {"format_version": ADAPTER_FORMAT_VERSION, "adapters": entries})
-    elif os.path.isfile(manifest_file):
-        os.remove(manifest_file)
-    for folder in previous - set(live):
-        _remove_adapter_folder(os.path.join(directory, folder))
+    with replacing(directory, carry=lambda rel: not is_adapter_file(rel)) as tmp:
+        for name in live:
+            folder = os.path.join(tmp, name)
+            _save_one(rack, name, folder)
+            digests = hash_files({f: os.path.join(folder, f) for f in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)})
+            entries.append({**describe_adapter(rack, name), "merged": False, "folder": name,
+                            "active": name in active, "trainable": name in trainable, DIGESTS_KEY: digests})
+        if entries:
+            atomic_write_json(os.path.join(tmp, ADAPTER_MANIFEST_NAME),
+                              {"format_version": ADAPTER_FORMAT_VERSION, "adapters": entries})
+    if not os.listdir(directory):
+        os.rmdir(directory)
     if entries:
         logger.info("Saved adapters %s (%d merged) to %s", live, len(entries) - len(live), directory)
     return directory
@@ -111,23 +117,6 @@ def _save_one(rack, name: str, folder: str) -> None:
     config.save_pretrained(
         folder, auto_mapping_dict={"base_model_class": type(rack).__name__, "parent_library": type(rack).__module__}
     )
-
-
-def _previous_folders(manifest_file: str) -> set[str]:
-    if not os.path.isfile(manifest_file):
-        return set()
-    manifest = _parse_manifest(manifest_file)
-    return {e["folder"] for e in manifest["adapters"] if e.get("folder")}
-
-
-def _remove_adapter_folder(folder: str) -> None:
-    # Only peft's two files: anything else a user put there stays.
-    for filename in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
-        target = os.path.join(folder, filename)
-        if os.path.isfile(target):
-            os.remove(target)
-    if os.path.isdir(folder) and not os.listdir(folder):
-        shutil.rmtree(folder)
 
 
 # Loading --------------------------------------------------------------------------------------------
@@ -213,21 +202,43 @@ def _apply(rack, prepared: list[tuple[dict, LoraConfig, dict]], replace: bool) -
 
 
 def _parse_manifest(manifest_file: str) -> dict:
+    """The adapter manifest, every field type-checked (errors name the file, entry and field)."""
     manifest = read_json(manifest_file, "adapter manifest")
     try:
         version, entries = manifest["format_version"], manifest["adapters"]
     except (KeyError, TypeError) as err:
         raise CorruptFileError(f"{manifest_file}: not a valid adapter manifest ({err!r}).") from err
-    for entry in entries:
-        if not isinstance(entry, dict) or any(key not in entry for key in ADAPTER_ENTRY_KEYS):
-            raise CorruptFileError(
-                f"{manifest_file}: every adapter entry needs keys {list(ADAPTER_ENTRY_KEYS)}; got {entry!r}."
-            )
     if version != ADAPTER_FORMAT_VERSION:
-        raise ValueError(
+        raise UnsupportedFormatError(
             f"{manifest_file}: format_version {version!r} is not supported (this library reads {ADAPTER_FORMAT_VERSION})."
         )
+    if not isinstance(entries, list):
+        raise CorruptFileError(f"{manifest_file}: `adapters` must be a list; got {type(entries).__name__}.")
+    for entry in entries:
+        _check_entry(entry, manifest_file)
     return manifest
+
+
+def _check_entry(entry, manifest_file: str) -> None:
+    if not isinstance(entry, dict) or any(key not in entry for key in ADAPTER_ENTRY_KEYS):
+        raise CorruptFileError(f"{manifest_file}: every adapter entry needs keys {list(ADAPTER_ENTRY_KEYS)}; got {entry!r}.")
+    name, folder, merged = entry["name"], entry["folder"], entry["merged"]
+    if not isinstance(name, str) or not SAFE_NAME.match(name):
+        raise CorruptFileError(f"{manifest_file}: adapter name {name!r} is not a plain name ({SAFE_NAME.pattern}).")
+    if not isinstance(merged, bool):
+        raise CorruptFileError(f"{manifest_file}: adapter {name!r}: `merged` must be true or false; got {merged!r}.")
+    if not merged and (not isinstance(folder, str) or not SAFE_NAME.match(folder)):
+        raise CorruptFileError(f"{manifest_file}: adapter {name!r}: `folder` {folder!r} is not a plain folder name "
+                               f"inside {ADAPTERS_DIR}/ ({SAFE_NAME.pattern}).")
+    stacks = entry["stacks"]
+    if not isinstance(stacks, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in stacks):
+        raise CorruptFileError(f"{manifest_file}: adapter {name!r}: `stacks` must be a list of integers; got {stacks!r}.")
+    for flag in ("active", "trainable"):
+        if not isinstance(entry.get(flag, False), bool):
+            raise CorruptFileError(f"{manifest_file}: adapter {name!r}: `{flag}` must be true or false; got {entry[flag]!r}.")
+    digests = entry.get(DIGESTS_KEY)
+    if digests is not None and not (isinstance(digests, dict) and all(isinstance(v, str) for v in digests.values())):
+        raise CorruptFileError(f"{manifest_file}: adapter {name!r}: `{DIGESTS_KEY}` must map file names to digests.")
 
 
 def _select(manifest: dict, names, manifest_file: str) -> list[dict]:
@@ -253,20 +264,74 @@ def _read_adapter(rack, resolve, entry: dict, manifest_file: str) -> tuple[LoraC
         raise IndexError(
             f"{manifest_file}: adapter {name!r} targets stack(s) {bad}; the rack has {n} stacks (valid: 0..{n - 1})."
         )
-    folder = f"{ADAPTERS_DIR}/{entry['folder']}"
+    config_file, weights_file = _adapter_files(resolve, entry, manifest_file)
+    check_adapter_config(config_file)
     try:
-        config_file, weights_file = resolve(f"{folder}/{ADAPTER_CONFIG_FILE}"), resolve(f"{folder}/{ADAPTER_WEIGHTS_FILE}")
-    except FileNotFoundError as err:
-        raise FileNotFoundError(
-            f"{manifest_file} lists adapter {name!r} in folder '{folder}', which is missing or incomplete: {err}"
-        ) from err
-    config = PeftConfig.from_pretrained(os.path.dirname(config_file))
+        config = PeftConfig.from_pretrained(os.path.dirname(config_file))
+    except (TypeError, ValueError, KeyError) as err:
+        raise CorruptFileError(f"{config_file}: peft cannot read this adapter config ({type(err).__name__}: {err}).") from err
     if not isinstance(config, LoraConfig):
         raise ValueError(f"{config_file}: adapter {name!r} is a {type(config).__name__}; only LoRA adapters load here.")
     # Saved in inference mode (as peft saves); here activity and trainability come from the manifest.
     config.inference_mode = False
     weights = {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in load_tensors(weights_file).items()}
     return config, weights
+
+
+def _adapter_files(resolve, entry: dict, manifest_file: str) -> tuple[str, str]:
+    """The adapter's two files, present and (when the manifest records digests) unchanged."""
+    folder = f"{ADAPTERS_DIR}/{entry['folder']}"
+    try:
+        paths = {f: resolve(f"{folder}/{f}") for f in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)}
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{manifest_file} lists adapter {entry['name']!r} in folder '{folder}', which is missing or incomplete: {err}"
+        ) from err
+    expected = entry.get(DIGESTS_KEY)
+    if expected is not None:
+        for name, path in paths.items():
+            found = sha256_file(path)
+            if found != expected.get(name):
+                raise CorruptFileError(f"{path}: sha256 {found} differs from the {expected.get(name)} recorded in "
+                                       f"{manifest_file}: the file is damaged or was replaced.")
+    return paths[ADAPTER_CONFIG_FILE], paths[ADAPTER_WEIGHTS_FILE]
+
+
+def verify_adapter_files(resolve: Resolver) -> int:
+    """Checks every live adapter's files against the manifest; returns how many adapters were checked."""
+    manifest_file = resolve(ADAPTER_MANIFEST)
+    manifest = _parse_manifest(manifest_file)
+    live = [e for e in manifest["adapters"] if not e["merged"]]
+    for entry in live:
+        _adapter_files(resolve, entry, manifest_file)
+    return len(live)
+
+
+# Fields of adapter_config.json that change what an adapter computes, and the types they must have.
+_CONFIG_FIELDS = {
+    "peft_type": str, "r": int, "lora_alpha": (int, float), "target_modules": (str, list),
+    "rank_pattern": dict, "alpha_pattern": dict, "lora_dropout": (int, float), "use_rslora": bool,
+    "fan_in_fan_out": bool, "bias": str, "use_dora": bool,
+}
+_REQUIRED_CONFIG_FIELDS = ("peft_type", "r", "lora_alpha", "target_modules")
+
+
+def check_adapter_config(config_file: str) -> dict:
+    """Type-checks the fields of an `adapter_config.json` that decide what the adapter computes;
+    CorruptFileError naming the file and field otherwise. Returns the parsed document."""
+    data = read_json(config_file, "adapter config")
+    if not isinstance(data, dict):
+        raise CorruptFileError(f"{config_file}: expected a JSON object, got {type(data).__name__}.")
+    for field in _REQUIRED_CONFIG_FIELDS:
+        if data.get(field) is None:
+            raise CorruptFileError(f"{config_file}: field `{field}` is missing.")
+    for field, kind in _CONFIG_FIELDS.items():
+        value = data.get(field)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise CorruptFileError(f"{config_file}: field `{field}` must be {kind}; got {value!r}.")
+    if data["peft_type"] != "LORA":
+        raise CorruptFileError(f"{config_file}: field `peft_type` is {data['peft_type']!r}; only 'LORA' adapters load here.")
+    return data
 
 
 def _check_shapes(rack, prepared: list[tuple[dict, LoraConfig, dict]]) -> None:

@@ -5,6 +5,7 @@
     stackwise generate outputs/default/final --prompt "ROMEO:" --max-new-tokens 40
     stackwise push outputs/default/final me/shakespeare-rack
     stackwise export outputs/default/final llama-out --to llama [--dtype bfloat16]
+    stackwise verify outputs/default/final
 
 `accelerate launch -m stackwise_hf.cli train --config ...` runs the same trainer on several processes.
 """
@@ -26,6 +27,7 @@ from .errors import StackWiseError
 from .hub import push_checkpoint_to_hub, push_rack_folder_to_hub
 from .llama_interop import save_llama
 from .planner import format_plan, plan_experiment
+from .rack_files import verify_rack
 from .sampling import depth_unroll_generate, diffusion_generate
 from .training import ExperimentConfig, ProgressiveTrainer
 
@@ -236,12 +238,33 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config field")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=cmd_plan)
+
+    verify = sub.add_parser("verify", help="check every file of a saved rack against the sha256 its index records")
+    verify.add_argument("path", help="rack or stack directory, or Hub repo id")
+    verify.add_argument("--revision")
+    verify.set_defaults(func=cmd_verify)
     return parser
 
 
 # What a user's input can get wrong (a file, a field, a value, a damaged checkpoint): reported as one line.
 # Anything else is a bug of ours and keeps its traceback.
 USER_ERRORS = (StackWiseError, ValueError, OSError, KeyError)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Checks every file of a saved rack or stack directory (or Hub repo) against the sha256 its index
+    records; exit status 1 and one line naming the file when one is missing or damaged."""
+    try:
+        report = verify_rack(args.path, revision=args.revision)
+    except (OSError, ValueError) as err:  # CorruptFileError, UnsafePathError are ValueErrors
+        print(f"FAILED {args.path}: {err}", file=sys.stderr)
+        return 1
+    if report["unverified"]:
+        print(f"UNVERIFIED {args.path}: saved without sha256 digests; {report['files']} shard(s) are complete, "
+              f"their content cannot be checked.")
+    else:
+        print(f"OK {args.path}: {report['verified']} of {report['files']} file(s) match their recorded sha256.")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

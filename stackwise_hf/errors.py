@@ -19,3 +19,11 @@ class CheckpointError(StackWiseError, OSError):
 
 class NonFiniteError(StackWiseError, FloatingPointError):
     """Training produced a non-finite loss, gradient or weight; it stops before anything non-finite is saved."""
+
+
+class UnsupportedFormatError(CorruptFileError):
+    """A file declares a format version or model type this library does not read (it names both)."""
+
+
+class UnsafePathError(StackWiseError, ValueError):
+    """A path read from a file leads outside its folder (absolute, `..`, a symlink out) or is not a plain name."""

@@ -24,6 +24,10 @@ from __future__ import annotations
 
 import re
 
+# Every name read from a file (a shard, an adapter, a folder, a codes file) must be one plain path
+# component of this form: no separator, no leading dot (so no `..`), nothing absolute.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
+
 # transformers' files --------------------------------------------------------------------------------
 
 CONFIG_NAME = "config.json"
@@ -34,6 +38,8 @@ GENERATION_CONFIG_NAME = "generation_config.json"
 INDEX_NAME = "model.safetensors.index.json"
 # `stackwise_format` in the index metadata: the version of this layout that wrote the directory.
 FORMAT_VERSION = 1
+# The index metadata key holding {file: sha256} of every other file the writer owns.
+DIGESTS_KEY = "sha256"
 RACK_GROUP = "rack"  # the shard group of the embeddings, final norm and head
 
 
@@ -96,6 +102,33 @@ def codes_file(stack_idx: int) -> str:
 CODES_FILE = re.compile(r"^quantized-stack\d{3}\.safetensors$")
 
 
+# What the writer owns ---------------------------------------------------------------------------------------
+
+# Marks in the names of the sibling directories an atomic save writes into and moves aside (`atomic.py`).
+NEW_DIR_MARK = ".stackwise-new-"
+OLD_DIR_MARK = ".stackwise-old-"
+
+
+def is_adapter_file(rel: str) -> bool:
+    """True for a file of the adapter format, by its POSIX path relative to `adapters/`."""
+    parts = rel.split("/")
+    return rel == ADAPTER_MANIFEST_NAME or (len(parts) == 2 and parts[1] in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE))
+
+
+def is_stack_dir_file(rel: str) -> bool:
+    """True for a file a stack directory's writer owns (shards and their index)."""
+    return rel == INDEX_NAME or bool(SHARD_FILE.match(rel)) or rel.endswith(".tmp")
+
+
+def is_rack_file(rel: str) -> bool:
+    """True for a file the rack writer owns, by its POSIX path relative to the rack directory: a save
+    replaces all of them, and keeps every other file (a tokenizer, a card, a user's notes)."""
+    if rel.startswith(f"{ADAPTERS_DIR}/"):
+        return is_adapter_file(rel[len(ADAPTERS_DIR) + 1:])
+    return (rel in (CONFIG_NAME, GENERATION_CONFIG_NAME, QUANTIZATION_MANIFEST) or rel in REMOTE_CODE_FILES
+            or is_stack_dir_file(rel) or bool(CODES_FILE.match(rel)) or bool(WEIGHT_FILE.match(rel)))
+
+
 # The Hub ------------------------------------------------------------------------------------------------
 
 CARD_NAME = "README.md"
@@ -117,6 +150,8 @@ REMOTE_CODE_FILES = (
     "rack_files.py",
     "serialization.py",
     "stacks.py",
+    "checksums.py",
+    "atomic.py",
     "resolver.py",
     "hub.py",
     "model_card.py",

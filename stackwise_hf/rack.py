@@ -28,7 +28,7 @@ from .rack_files import (
     write_rack,
     write_stack,
 )
-from .resolver import pretrained_source, resolver_for
+from .resolver import pretrained_source
 from .rack_compat import GuideRackMixin, dtype_or_precision, guide_precision
 from .stacks import adapters_in, check_stack_indices, is_adapter_key, rack_state_dict
 
@@ -170,7 +170,8 @@ class RackMixin(GuideRackMixin):
 
     # Loading ------------------------------------------------------------------------------------------
 
-    def load_stack(self, stack_idx: int, path: str | os.PathLike, source_stack: int | None = None, **hub_kwargs) -> bool:
+    def load_stack(self, stack_idx: int, path: str | os.PathLike, source_stack: int | None = None, *,
+                   verify: bool = True, **hub_kwargs) -> bool:
         """Loads one stack's weights into stack `stack_idx`, reading only that stack's files.
 
         Args:
@@ -178,23 +179,24 @@ class RackMixin(GuideRackMixin):
             path: a stack directory (`save_stack`), a rack directory (`save_pretrained`), or a Hub repo id.
             source_stack (`int`, *optional*): which stack of a rack directory to read; defaults to
                 `stack_idx` for a rack, to the only stack for a stack directory.
+            verify (`bool`, defaults to `True`): compare each file read with the sha256 recorded at save time.
             hub_kwargs: `revision`, `token`, `cache_dir` for a Hub repo.
 
         The stack takes on the saved dtype. Nothing is changed unless every tensor is present and
         fits; errors name the file or tensor at fault. Returns True.
         """
         (stack_idx,) = check_stack_indices(self, stack_idx)
-        source_stack = read_stack_into(self, stack_idx, resolver_for(path, **hub_kwargs), path, source_stack)
+        source_stack = read_stack_into(self, stack_idx, path, source_stack, verify, **hub_kwargs)
         logger.info("Loaded stack %d of %s into stack %d", source_stack, path, stack_idx)
         return True
 
-    def load_rack_weights(self, path: str | os.PathLike, **hub_kwargs) -> bool:
+    def load_rack_weights(self, path: str | os.PathLike, *, verify: bool = True, **hub_kwargs) -> bool:
         """Loads every weight of a saved rack in place, after checking all of them fit.
 
         The rack is first reshaped to the saved stack layout (stacks added or removed) when the
         saved config differs from it only there; any other architecture difference raises.
         """
-        read_rack_weights(self, resolver_for(path, **hub_kwargs), path)
+        read_rack_weights(self, path, verify, **hub_kwargs)
         return True
 
     def save_rack(self, path: str | os.PathLike, max_shard_size: int | str = "5GB", remote_code: bool = True) -> str:
@@ -203,10 +205,11 @@ class RackMixin(GuideRackMixin):
         and `quantization.json`. Returns the directory."""
         return write_rack(self, path, max_shard_size=max_shard_size, remote_code=remote_code)
 
-    def load_rack(self, path: str | os.PathLike, **hub_kwargs) -> bool:
+    def load_rack(self, path: str | os.PathLike, *, verify: bool = True, **hub_kwargs) -> bool:
         """Restores a rack saved with `save_rack` in place: weights, stack layout, dtypes and adapters,
-        and its quantized stacks (`quantization.json`), quantized again to the saved codes."""
-        read_rack(self, path, **hub_kwargs)
+        and its quantized stacks (`quantization.json`), quantized again to the saved codes. With
+        `verify` (the default) every file is compared with the sha256 recorded at save time first."""
+        read_rack(self, path, verify=verify, **hub_kwargs)
         return True
 
     @classmethod
@@ -221,12 +224,14 @@ class RackMixin(GuideRackMixin):
         embeddings and head. Per stack: pass `stack_dtypes=["float32", "bfloat16", ...]` (one per stack; a
         config override, so it wins over `dtype` for the stacks), or call `rack.cast_stack(i, dtype)` after.
         Returns the rack, or `(rack, loading_info)` with `output_loading_info=True`, as transformers does.
+        `verify=True` also compares every shard with the sha256 recorded at save time.
         """
+        verify = kwargs.pop("verify", False)
         resolve = adapter_path = None
         if pretrained_model_name_or_path is not None:
             resolve, adapter_path, _ = pretrained_source(pretrained_model_name_or_path, kwargs)
         if resolve is not None:
-            check_rack_files(resolve)
+            check_rack_files(resolve, verify, pretrained_model_name_or_path)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = loaded[0] if kwargs.get("output_loading_info") else loaded
         for i, dtype in enumerate(_stack_dtypes_asked(kwargs, model.num_stacks) or model.config.stack_dtypes):

@@ -17,17 +17,22 @@ import shutil
 
 import torch
 
-from .errors import CorruptFileError, ShapeMismatchError
+from .atomic import replacing
+from .checksums import Verifier, hash_files
+from .errors import CorruptFileError, ShapeMismatchError, UnsupportedFormatError
 from .growth import reshape_stacks
 from .layout import (
     ADAPTER_MANIFEST,
-    CODES_FILE,
     CONFIG_NAME,
+    DIGESTS_KEY,
     INDEX_NAME,
     QUANTIZATION_FORMAT_VERSION,
     QUANTIZATION_MANIFEST,
     REMOTE_CODE_FILES,
+    SAFE_NAME,
     codes_file,
+    is_rack_file,
+    is_stack_dir_file,
     remote_code_auto_map,
 )
 from .resolver import Resolver, has_file, resolver_for
@@ -70,26 +75,34 @@ def write_rack(rack, directory, *, max_shard_size: int | str = "5GB", state_dict
     """Writes the rack to `directory`: config and generation config, the modeling code unless
     `remote_code=False` (`ship_remote_code`), weights in per-stack shards with their index, and, when
     `complete`, the quantized stacks' codes and manifest and the adapters. `complete=False` is what
-    `save_pretrained` writes. Quantized stacks' weights are written dequantized, in their stack dtype."""
+    `save_pretrained` writes. Quantized stacks' weights are written dequantized, in their stack dtype.
+
+    An existing directory is replaced in one atomic step (`atomic.replacing`): a kill at any moment
+    leaves the old or the new rack complete. Files the writer does not own (`layout.is_rack_file`: a
+    tokenizer, a card) are kept."""
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    _write_config(rack, directory, remote_code)
-    save_weights(
-        _state_dict_to_write(rack) if state_dict is None else state_dict, directory, max_shard_size,
-        stack_meta=_stack_meta(rack), total_parameters=rack.num_parameters(),
-    )
-    if complete:
-        _write_quantization(rack, directory)
-        write_adapters(rack, directory)
+    with replacing(directory, carry=lambda rel: not is_rack_file(rel)) as tmp:
+        _write_config(rack, tmp, remote_code)
+        save_weights(
+            _state_dict_to_write(rack) if state_dict is None else state_dict, tmp, max_shard_size,
+            stack_meta=_stack_meta(rack), total_parameters=rack.num_parameters(),
+        )
+        if complete:
+            _write_quantization(rack, tmp)
+            write_adapters(rack, tmp)
+        _seal(tmp, is_rack_file)
     logger.info("Saved a %d-stack rack to %s", rack.num_stacks, directory)
     return directory
 
 
 def write_stack(rack, stack_idx: int, directory, max_shard_size: int | str = "5GB") -> str:
-    """Writes one stack's weights (sharded safetensors and an index of them) to `directory`."""
+    """Writes one stack's weights (sharded safetensors and an index of them) to `directory`, replacing an
+    earlier stack directory there atomically."""
     weights = {k: v for k, v in rack_state_dict(rack).items() if stack_of(k) == stack_idx}
     meta = {stack_idx: _stack_meta(rack)[stack_idx] | {"hidden_size": rack.config.hidden_size}}
-    save_weights(weights, directory, max_shard_size, stack_meta=meta)
+    with replacing(directory, carry=lambda rel: not is_stack_dir_file(rel)) as tmp:
+        save_weights(weights, tmp, max_shard_size, stack_meta=meta)
+        _seal(tmp, is_stack_dir_file)
     logger.info("Saved stack %d (%d blocks) to %s", stack_idx, rack.config.stack_sizes[stack_idx], directory)
     return os.fspath(directory)
 
@@ -97,6 +110,20 @@ def write_stack(rack, stack_idx: int, directory, max_shard_size: int | str = "5G
 def _state_dict_to_write(rack) -> dict[str, torch.Tensor]:
     # Quantized stacks are written dequantized; without the quantization module a rack has none.
     return rack_state_dict(rack) if quantization is None else quantization.quantized_state_dict(rack)
+
+
+def _seal(directory: str, owned) -> None:
+    """Records in the index the sha256 of every other file the writer owns (the index is the root)."""
+    index_path = os.path.join(directory, INDEX_NAME)
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), directory).replace(os.sep, "/")
+            if owned(rel) and rel != INDEX_NAME:
+                files[rel] = os.path.join(root, name)
+    index = read_json(index_path, "safetensors index")
+    index["metadata"][DIGESTS_KEY] = hash_files(files)
+    atomic_write_json(index_path, index)
 
 
 def _stack_meta(rack) -> dict[int, dict]:
@@ -143,20 +170,14 @@ def drop_remote_code(rack, directory: str) -> None:
 
 
 def _write_quantization(rack, directory: str) -> None:
-    """Each quantized stack's exact codes and `quantization.json`; stale ones of an earlier save go."""
+    """Each quantized stack's exact codes, and `quantization.json` naming them."""
     records = _quantized(rack)
     for i in records:
         atomic_save_tensors(quantization.stack_codes(rack, i), os.path.join(directory, codes_file(i)))
-    manifest = os.path.join(directory, QUANTIZATION_MANIFEST)
     if records:
-        atomic_write_json(manifest, {"format_version": QUANTIZATION_FORMAT_VERSION, "stacks": {
-            str(i): {**r, "codes": codes_file(i)} for i, r in sorted(records.items())}})
-    elif os.path.isfile(manifest):
-        os.remove(manifest)
-    keep = {codes_file(i) for i in records}
-    for name in os.listdir(directory):
-        if CODES_FILE.match(name) and name not in keep:
-            os.remove(os.path.join(directory, name))
+        atomic_write_json(os.path.join(directory, QUANTIZATION_MANIFEST), {
+            "format_version": QUANTIZATION_FORMAT_VERSION,
+            "stacks": {str(i): {**r, "codes": codes_file(i)} for i, r in sorted(records.items())}})
 
 
 def write_adapters(rack, directory: str) -> None:
@@ -171,20 +192,38 @@ def write_adapters(rack, directory: str) -> None:
 # Reading -------------------------------------------------------------------------------------------
 
 
-def read_rack(rack, path, *, backend: str | None = None, **hub_kwargs) -> None:
+def open_rack(path, verify: bool = True, **hub_kwargs) -> tuple[Verifier, dict]:
+    """A resolver for the rack or stack directory (or Hub repo) `path` that verifies every file it hands
+    out against the sha256 recorded in the index (unless `verify=False`), and the checked index. A
+    directory saved without digests (before they were recorded) loads with a warning that it is
+    unverified."""
+    resolve = resolver_for(path, **hub_kwargs)
+    index = read_index(resolve)
+    expected = index["metadata"].get(DIGESTS_KEY)
+    if verify and expected is None:
+        logger.warning("%s was saved without sha256 digests (an older version of stackwise_hf): loading it "
+                       "unverified.", path)
+    return Verifier(resolve, expected if verify else None, path), index
+
+
+def read_rack(rack, path, *, backend: str | None = None, verify: bool = True, **hub_kwargs) -> None:
     """Restores a rack saved with `write_rack` (a directory or a Hub repo id) in place: weights, stack
     layout and dtypes, quantized stacks (quantized again with the saved backend, or `backend`, and
     given their saved codes), then the adapters, which then wrap the quantized layers.
 
-    Every file is read and checked before the rack changes, so a missing or damaged file raises
-    (naming it) with the rack as it was."""
+    Every file is read and checked (`verify`: against its recorded sha256) before the rack changes, so
+    a missing or damaged file raises (naming it) with the rack as it was."""
     if _quantized(rack):
         raise ValueError(f"{path}: load into a rack without quantized stacks (this one has "
                          f"{sorted(_quantized(rack))}); their weights cannot be overwritten.")
-    resolve = resolver_for(path, **hub_kwargs)
-    records = read_quantization_manifest(resolve)
-    codes = _read_codes(resolve, records, backend)
-    read_rack_weights(rack, resolve, path)
+    resolve, index = open_rack(path, verify, **hub_kwargs)
+    with resolve:
+        _check_listed_files(resolve, index, (QUANTIZATION_MANIFEST, ADAPTER_MANIFEST))
+        records = read_quantization_manifest(resolve)
+        codes = _read_codes(resolve, records, backend)
+        tensors, saved = _read_weights(rack, resolve, index, path)
+        resolve.check()
+    _apply_weights(rack, tensors, saved)
     for i, record in sorted(records.items()):
         quantization.quantize_stacks(rack, [i], bits=record["bits"], backend=backend or record["backend"])
         # Re-quantizing the dequantized weights is close, not exact: put back the saved integers and scales.
@@ -196,6 +235,14 @@ def read_rack(rack, path, *, backend: str | None = None, **hub_kwargs) -> None:
         adapter_files.read_adapters(rack, resolve, path, replace=True)
 
 
+def _check_listed_files(resolve: Verifier, index: dict, names) -> None:
+    """A part the index recorded a digest for must be there: its absence is damage, not "no such part"."""
+    for name in names:
+        if name in (resolve.expected or {}) and not has_file(resolve, name):
+            raise CorruptFileError(f"{resolve.where}: {name} is missing, though the index "
+                                   f"({INDEX_NAME}) records it; the rack is incomplete.")
+
+
 def read_quantization_manifest(resolve: Resolver) -> dict[int, dict]:
     """{stack: {"bits", "backend", "scheme", "codes"}} from `quantization.json` ({} when absent); a
     malformed manifest raises CorruptFileError naming the file and field."""
@@ -205,15 +252,26 @@ def read_quantization_manifest(resolve: Resolver) -> dict[int, dict]:
     if quantization is None:
         raise RuntimeError(f"{file}: the rack has quantized stacks; loading them needs stackwise_hf.")
     manifest = read_json(file, "quantization manifest")
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != QUANTIZATION_FORMAT_VERSION:
+        raise UnsupportedFormatError(f"{file}: format_version {version!r} is not supported (this library reads "
+                                     f"{QUANTIZATION_FORMAT_VERSION}).")
     try:
-        records = {int(k): dict(v) for k, v in manifest["stacks"].items()}
+        stacks = manifest["stacks"]
+        records = {int(k): dict(v) for k, v in stacks.items() if k.isdigit() or _not_an_index(k)}
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise CorruptFileError(f"{file}: not a quantization manifest ({type(err).__name__}: {err}).") from err
     for i, record in records.items():
-        problem = quantization.check_record(record) or (None if isinstance(record.get("codes"), str) else "no `codes` file")
+        codes = record.get("codes")
+        problem = quantization.check_record(record) or (
+            None if isinstance(codes, str) and SAFE_NAME.match(codes) else f"`codes` {codes!r} is not a file name in the folder")
         if problem:
             raise CorruptFileError(f"{file}: stack {i}: {problem}; got {record}.")
     return records
+
+
+def _not_an_index(key) -> bool:
+    raise ValueError(f"stack key {key!r} is not an integer")
 
 
 def _read_codes(resolve: Resolver, records: dict[int, dict], backend: str | None) -> dict[int, dict]:
@@ -234,14 +292,22 @@ def _quantized(rack) -> dict[int, dict]:
     return {} if quantization is None else quantization.quantized_stacks(rack)
 
 
-def read_rack_weights(rack, resolve: Resolver, where) -> None:
+def read_rack_weights(rack, path, verify: bool = True, **hub_kwargs) -> None:
     """Loads every weight of a saved rack in place, after checking all of them fit.
 
     The rack is first reshaped to the saved stack layout (stacks added or removed) when the saved
     config differs from it only there; any other architecture difference raises."""
-    saved = type(rack.config).from_json_file(resolve(CONFIG_NAME))
+    resolve, index = open_rack(path, verify, **hub_kwargs)
+    with resolve:
+        tensors, saved = _read_weights(rack, resolve, index, path)
+        resolve.check()
+    _apply_weights(rack, tensors, saved)
+
+
+def _read_weights(rack, resolve: Resolver, index: dict, where) -> tuple[dict, object]:
+    """Every tensor of a saved rack, and its config, checked to fit `rack` (reshaped to the saved layout)."""
+    saved = read_saved_config(type(rack.config), resolve)
     check_same_architecture(rack.config, saved, where)
-    index = read_index(resolve)
     check_files(resolve, index["weight_map"].values())
     by_file: dict[str, list[str]] = {}
     for key, filename in index["weight_map"].items():
@@ -253,30 +319,73 @@ def read_rack_weights(rack, resolve: Resolver, where) -> None:
     with torch.device("meta"):
         skeleton = type(rack)(saved)
     _check_state_dict_fits(rack_state_dict(skeleton), tensors, where)
+    return tensors, saved
+
+
+def read_saved_config(config_class, resolve: Resolver):
+    """The saved `config.json`, refused (naming the file) when it is not JSON or not a rack's config."""
+    path = resolve(CONFIG_NAME)
+    data = read_json(path, "config")
+    found = data.get("model_type") if isinstance(data, dict) else None
+    if found != config_class.model_type:
+        raise UnsupportedFormatError(f"{path}: model_type {found!r}; this library reads {config_class.model_type!r}.")
+    try:
+        return config_class.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise CorruptFileError(f"{path}: not a valid {config_class.__name__} ({err}).") from err
+
+
+def _apply_weights(rack, tensors: dict, saved) -> None:
     if rack.config.stack_sizes != saved.stack_sizes:
         reshape_stacks(rack, saved.stack_sizes)
     _copy_state_dict(rack, tensors)
     rack.config.stack_dtypes = [dtype_name(s.dtype) for s in rack.base_model.stacks]
 
 
-def read_stack_into(rack, stack_idx: int, resolve: Resolver, where, source_stack: int | None = None) -> int:
-    """Loads one saved stack (of a rack or stack directory) into stack `stack_idx`, reading only that
-    stack's files; the stack takes on the saved dtype. Returns the source stack's index."""
-    index = read_index(resolve)
+def read_stack_into(rack, stack_idx: int, path, source_stack: int | None = None, verify: bool = True,
+                    **hub_kwargs) -> int:
+    """Loads one saved stack (of a rack or stack directory, or a Hub repo) into stack `stack_idx`, reading
+    (and verifying) only that stack's files; the stack takes on the saved dtype. Returns the source
+    stack's index."""
+    resolve, index = open_rack(path, verify, **hub_kwargs)
     if source_stack is None and len(index["metadata"]["stacks"]) > 1:
         source_stack = stack_idx
-    source_stack, tensors = read_stack(resolve, source_stack, index)
+    with resolve:
+        source_stack, tensors = read_stack(resolve, source_stack, index)
+        resolve.check()
     stack = rack.base_model.stacks[stack_idx]
-    check_stack_fits(stack, tensors, f"stack {source_stack} of {where}")
+    check_stack_fits(stack, tensors, f"stack {source_stack} of {path}")
     copy_into_stack(stack, tensors)
     rack.config.stack_dtypes[stack_idx] = dtype_name(stack.dtype)
     return source_stack
 
 
-def check_rack_files(resolve: Resolver) -> None:
-    """Checks every shard the index names (complete; and, from the Hub, hashed), before transformers loads them."""
-    if has_file(resolve, INDEX_NAME):
-        check_files(resolve, read_index(resolve)["weight_map"].values())
+def check_rack_files(resolve: Resolver, verify: bool = False, where=None) -> None:
+    """Checks every shard the index names (complete; from the Hub, hashed against the Hub's ids; with
+    `verify`, against the recorded sha256), before transformers loads them."""
+    if not has_file(resolve, INDEX_NAME):
+        return
+    index = read_index(resolve)
+    with Verifier(resolve, index["metadata"].get(DIGESTS_KEY) if verify else None, where) as verifier:
+        check_files(verifier, index["weight_map"].values())
+        verifier.check()
+
+
+def verify_rack(path, **hub_kwargs) -> dict:
+    """Checks a whole rack or stack directory (or Hub repo): every file the index records a digest for
+    is present and hashes to it, every shard is complete, and adapters match their manifest's digests.
+
+    Returns `{"files": checked, "verified": with a recorded digest, "unverified": no digests recorded}`;
+    raises CorruptFileError (or FileNotFoundError) naming the first bad file."""
+    resolve, index = open_rack(path, True, **hub_kwargs)
+    with resolve:
+        listed = sorted(set(index["weight_map"].values()) | set(resolve.expected or {}))
+        _check_listed_files(resolve, index, listed)
+        check_files(resolve, index["weight_map"].values())
+        verified = resolve.check()
+    if adapter_files is not None and has_file(resolve, ADAPTER_MANIFEST):
+        adapter_files.verify_adapter_files(resolve)
+    return {"files": len(listed), "verified": verified, "unverified": resolve.expected is None}
 
 
 def read_saved_adapters(rack, resolve: Resolver, where) -> None:

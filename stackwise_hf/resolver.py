@@ -40,8 +40,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .errors import CorruptFileError, StackWiseError
-from .layout import CARD_NAME
+from .errors import CorruptFileError, StackWiseError, UnsafePathError
+from .layout import CARD_NAME, SAFE_NAME
 
 try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx
     from httpx2 import TransportError
@@ -69,12 +69,25 @@ class HubConnectionError(HubError, ConnectionError):
 # Local directories ---------------------------------------------------------------------------------
 
 
+def check_relative_name(filename: str, where) -> None:
+    """UnsafePathError unless `filename` is a relative POSIX path of plain components (`layout.SAFE_NAME`)."""
+    if not isinstance(filename, str) or not all(SAFE_NAME.match(part) for part in filename.split("/")):
+        raise UnsafePathError(f"{where}: {filename!r} is not a file name inside the folder (plain components "
+                              f"matching {SAFE_NAME.pattern}; no absolute path, no '..').")
+
+
 def local_resolver(directory: str | os.PathLike) -> Resolver:
-    """A resolver for a local directory; raises FileNotFoundError naming the missing file."""
+    """A resolver for a local directory; raises FileNotFoundError naming the missing file, and
+    UnsafePathError for a name, or a symbolic link, that leads outside the directory."""
+    root = os.path.realpath(directory)
 
     def resolve(filename: str) -> str:
+        check_relative_name(filename, directory)
         path = os.path.join(directory, filename)
-        if not os.path.isfile(path):
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, root]) != root:
+            raise UnsafePathError(f"{path}: leads outside {directory} (to {real}) through a symbolic link.")
+        if not os.path.isfile(real):
             raise FileNotFoundError(f"{path}: file not found.")
         return path
 
@@ -129,6 +142,7 @@ def hub_resolver(repo_id: str, revision: str | None = None, token: str | bool | 
 
     def resolve(filename: str) -> str:
         nonlocal reached
+        check_relative_name(filename, where)
         with hub_errors(where, filename=filename, local_files_only=local_files_only):
             if not (reached or local_files_only or constants.HF_HUB_OFFLINE):
                 reached = _probe(repo_id, filename, subfolder, revision, token, cache_dir, repo_type, force_download)

@@ -25,8 +25,8 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import CorruptFileError, ShapeMismatchError
-from .layout import FORMAT_VERSION, INDEX_NAME, RACK_GROUP, SHARD_FILE, shard_pattern
+from .errors import CorruptFileError, ShapeMismatchError, UnsafePathError, UnsupportedFormatError
+from .layout import DIGESTS_KEY, FORMAT_VERSION, INDEX_NAME, RACK_GROUP, SAFE_NAME, SHARD_FILE, shard_pattern
 from .resolver import Resolver
 from .stacks import group_state_dict, is_adapter_key, key_within_stack, stack_of, strip_adapter_keys
 
@@ -121,26 +121,55 @@ def _remove_stale_shards(directory, keep: set[str]) -> None:
 
 
 def read_index(resolve: Resolver) -> dict:
-    """Reads and checks `model.safetensors.index.json`; the metadata's `stacks` map is filled in
-    from the weight map for indexes written by other tools."""
+    """Reads and checks `model.safetensors.index.json`: its format version, that every weight-map entry
+    names a plain shard file in the folder, and that stacks are numbered by integers. The metadata's
+    `stacks` map is filled in from the weight map for indexes written by other tools."""
     path = resolve(INDEX_NAME)
-    try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-        weight_map = index["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-        raise CorruptFileError(f"{path}: not a valid safetensors index ({err}).") from err
+    index = read_json(path, "safetensors index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CorruptFileError(f"{path}: not a valid safetensors index (no `weight_map` object).")
     metadata = index.setdefault("metadata", {})
+    if not isinstance(metadata, dict):
+        raise CorruptFileError(f"{path}: `metadata` must be an object; got {type(metadata).__name__}.")
+    version = metadata.get("stackwise_format", FORMAT_VERSION)  # absent: an index written by another tool
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise UnsupportedFormatError(f"{path}: stackwise_format {version!r} is not supported (this library reads "
+                                     f"{FORMAT_VERSION}).")
+    for key, filename in weight_map.items():
+        if not isinstance(filename, str) or not SAFE_NAME.match(filename) or not filename.endswith(".safetensors"):
+            raise UnsafePathError(f"{path}: weight_map[{key!r}] = {filename!r} is not a shard file name in the "
+                                  f"folder ({SAFE_NAME.pattern}, ending in .safetensors).")
     if "stacks" not in metadata:
-        stacks: dict[str, dict] = {}
-        for key, filename in weight_map.items():
-            stack = stack_of(key)
-            if stack is not None:
-                files = stacks.setdefault(str(stack), {"files": []})["files"]
-                if filename not in files:
-                    files.append(filename)
-        metadata["stacks"] = stacks
+        metadata["stacks"] = _stacks_from_weight_map(weight_map)
+    _check_index_metadata(metadata, path)
     return index
+
+
+def _stacks_from_weight_map(weight_map: dict) -> dict[str, dict]:
+    stacks: dict[str, dict] = {}
+    for key, filename in weight_map.items():
+        stack = stack_of(key)
+        if stack is not None:
+            files = stacks.setdefault(str(stack), {"files": []})["files"]
+            if filename not in files:
+                files.append(filename)
+    return stacks
+
+
+def _check_index_metadata(metadata: dict, path: str) -> None:
+    stacks = metadata["stacks"]
+    if not isinstance(stacks, dict):
+        raise CorruptFileError(f"{path}: metadata `stacks` must be an object; got {type(stacks).__name__}.")
+    for key, meta in stacks.items():
+        if not (isinstance(key, str) and key.isdigit() and key.isascii()):
+            raise CorruptFileError(f"{path}: metadata `stacks` key {key!r} is not a stack index (an integer).")
+        files = meta.get("files") if isinstance(meta, dict) else None
+        if not isinstance(files, list) or not all(isinstance(f, str) and SAFE_NAME.match(f) for f in files):
+            raise CorruptFileError(f"{path}: metadata `stacks[{key!r}].files` must list shard file names; got {meta!r}.")
+    digests = metadata.get(DIGESTS_KEY)
+    if digests is not None and not (isinstance(digests, dict) and all(isinstance(v, str) for v in digests.values())):
+        raise CorruptFileError(f"{path}: metadata `{DIGESTS_KEY}` must map file names to sha256 digests.")
 
 
 def check_shard(path: str) -> dict:

@@ -180,7 +180,8 @@ def test_a_second_push_uploads_only_the_stacks_that_changed(hub_server):
     rack.model.stacks[1].blocks[0].mlp.up_proj.weight.data += 1
     hub_server.clear_log()
     rack.push_to_hub(repo_id)
-    assert _head(hub_server, repo_id).changed == ("model-stack001.safetensors",)
+    # The index changes with the stack: it records every file's sha256. Only the stack's shard is uploaded.
+    assert _head(hub_server, repo_id).changed == ("model-stack001.safetensors", "model.safetensors.index.json")
     uploaded = [r for r in hub_server.requests if r.route == "lfs_upload"]
     assert len(set(hub_server.lfs_objects(repo_id)) - objects) == 1
     assert [r.request_bytes for r in uploaded] == [len(hub_server.file_bytes(repo_id, "model-stack001.safetensors"))]
@@ -423,7 +424,8 @@ def test_trust_remote_code_loads_the_rack_without_the_package(hub_server, tmp_pa
     repo_id = f"{USER}/remote-code"
     shipped = sorted(f for f in _files(hub_server, repo_id) if f.endswith(".py"))
     assert shipped == sorted(REMOTE_CODE_FILES) == [
-        "configuration_stackwise.py", "errors.py", "growth.py", "hub.py", "layout.py", "model_card.py",
+        "atomic.py", "checksums.py", "configuration_stackwise.py", "errors.py", "growth.py", "hub.py", "layout.py",
+        "model_card.py",
         "modeling_stackwise.py", "rack.py", "rack_compat.py", "rack_files.py", "resolver.py", "serialization.py",
         "stacks.py"]
     config = json.loads(hub_server.file_bytes(repo_id, "config.json"))
