@@ -46,7 +46,7 @@ from .adapters import (
 )
 from .atomic import replacing
 from .checksums import hash_files, sha256_file
-from .errors import CorruptFileError, ShapeMismatchError, UnsupportedFormatError
+from .errors import CorruptFileError, MissingFileError, ShapeMismatchError, UnsupportedFormatError
 from .layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_ENTRY_KEYS,
@@ -284,7 +284,7 @@ def _adapter_files(resolve, entry: dict, manifest_file: str) -> tuple[str, str]:
     try:
         paths = {f: resolve(f"{folder}/{f}") for f in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)}
     except FileNotFoundError as err:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{manifest_file} lists adapter {entry['name']!r} in folder '{folder}', which is missing or incomplete: {err}"
         ) from err
     expected = entry.get(DIGESTS_KEY)

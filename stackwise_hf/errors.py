@@ -27,3 +27,7 @@ class UnsupportedFormatError(CorruptFileError):
 
 class UnsafePathError(StackWiseError, ValueError):
     """A path read from a file leads outside its folder (absolute, `..`, a symlink out) or is not a plain name."""
+
+
+class MissingFileError(StackWiseError, FileNotFoundError):
+    """A file the rack (or its index or a manifest) needs is not there; the message names it."""

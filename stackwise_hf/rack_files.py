@@ -19,7 +19,7 @@ import torch
 
 from .atomic import replacing
 from .checksums import Verifier, hash_files
-from .errors import CorruptFileError, ShapeMismatchError, UnsupportedFormatError
+from .errors import CorruptFileError, MissingFileError, ShapeMismatchError, UnsupportedFormatError
 from .growth import reshape_stacks
 from .layout import (
     ADAPTER_MANIFEST,
@@ -282,7 +282,7 @@ def _read_codes(resolve: Resolver, records: dict[int, dict], backend: str | None
         try:
             file = resolve(record["codes"])
         except FileNotFoundError as err:
-            raise FileNotFoundError(f"{err} (named by {QUANTIZATION_MANIFEST})") from err
+            raise MissingFileError(f"{err} (named by {QUANTIZATION_MANIFEST})") from err
         if (backend or record["backend"]) == record["backend"]:
             codes[i] = load_tensors(file)
     return codes

@@ -40,7 +40,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .errors import CorruptFileError, StackWiseError, UnsafePathError
+from .errors import CorruptFileError, MissingFileError, StackWiseError, UnsafePathError
 from .layout import CARD_NAME, SAFE_NAME
 
 try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx
@@ -88,7 +88,7 @@ def local_resolver(directory: str | os.PathLike) -> Resolver:
         if os.path.commonpath([real, root]) != root:
             raise UnsafePathError(f"{path}: leads outside {directory} (to {real}) through a symbolic link.")
         if not os.path.isfile(real):
-            raise FileNotFoundError(f"{path}: file not found.")
+            raise MissingFileError(f"{path}: file not found.")
         return path
 
     return resolve
@@ -204,7 +204,7 @@ def hub_errors(where: str, *, filename: str | None = None, action: str | None = 
             f"and it is not in the local cache."
         ) from err
     except EntryNotFoundError as err:
-        raise FileNotFoundError(f"{where}: no file {filename!r} in the repo.") from err
+        raise MissingFileError(f"{where}: no file {filename!r} in the repo.") from err
     except NETWORK_ERRORS as err:
         raise HubConnectionError(f"Cannot reach the Hub at {constants.ENDPOINT} ({action}): {one_line(err)}") from err
     except HfHubHTTPError as err:

@@ -184,9 +184,9 @@ def check_shard(path: str) -> dict:
             if header_len > size - 8:
                 raise ValueError(f"header length {header_len} exceeds the file size {size}")
             header = json.loads(f.read(header_len))
-    except (struct.error, ValueError, UnicodeDecodeError) as err:
-        raise CorruptFileError(f"{path}: not a readable safetensors file ({err}).") from err
-    data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError, IndexError) as err:
+        raise CorruptFileError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err}).") from err
     expected = 8 + header_len + data_end
     if size != expected:
         raise CorruptFileError(
