@@ -59,8 +59,8 @@ def fingerprint(rack) -> dict:
         elif "rotary_emb" not in name:
             state[name] = tensor.detach().clone()
     trainable = sorted(n for n, p in rack.named_parameters() if p.requires_grad)
-    # `architectures` and `dtype` are stamped on the config by a save; a load does not restore them.
-    config = {k: v for k, v in rack.config.to_dict().items() if k not in ("architectures", "dtype")}
+    # `architectures`, `dtype` and `auto_map` are stamped on the config by a save; a load does not restore them.
+    config = {k: v for k, v in rack.config.to_dict().items() if k not in ("architectures", "dtype", "auto_map")}
     return {"state": state, "trainable": trainable, "config": config,
             "adapters": sorted(getattr(rack, "peft_config", {}) or {}), "merged": getattr(rack, "_merged_adapters", [])}
 

@@ -38,8 +38,9 @@ class Verifier:
     which a digest is recorded; `check()` raises CorruptFileError naming the first file whose content
     differs. With `expected=None` nothing is hashed and `check()` passes."""
 
-    def __init__(self, resolve: Callable[[str], str], expected: Mapping[str, str] | None, where):
-        self._resolve, self.expected, self.where = resolve, expected, where
+    def __init__(self, resolve: Callable[[str], str], expected: Mapping[str, str] | None, where,
+                 recorded_in: str = "the index"):
+        self._resolve, self.expected, self.where, self.recorded_in = resolve, expected, where, recorded_in
         self._pool = ThreadPoolExecutor(max_workers=_WORKERS) if expected else None
         self._pending: dict[str, tuple[str, Future]] = {}
 
@@ -61,8 +62,8 @@ class Verifier:
     def _compare(self, name: str, path: str, found: str) -> None:
         if found != self.expected[name]:
             raise CorruptFileError(
-                f"{path}: sha256 {found} differs from the {self.expected[name]} recorded when {self.where} was "
-                f"saved: the file is damaged or was replaced."
+                f"{path}: sha256 {found} differs from the {self.expected[name]} recorded in {self.recorded_in} when "
+                f"{self.where} was saved: the file, or {self.recorded_in}, is damaged or was replaced."
             )
 
     def close(self) -> None:

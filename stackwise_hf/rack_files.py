@@ -203,7 +203,7 @@ def open_rack(path, verify: bool = True, **hub_kwargs) -> tuple[Verifier, dict]:
     if verify and expected is None:
         logger.warning("%s was saved without sha256 digests (an older version of stackwise_hf): loading it "
                        "unverified.", path)
-    return Verifier(resolve, expected if verify else None, path), index
+    return Verifier(resolve, expected if verify else None, path, INDEX_NAME), index
 
 
 def read_rack(rack, path, *, backend: str | None = None, verify: bool = True, **hub_kwargs) -> None:
@@ -413,7 +413,8 @@ def check_same_architecture(config, saved, where) -> None:
 def _check_state_dict_fits(current: dict, saved: dict, where) -> None:
     missing, unexpected = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
     if missing or unexpected:
-        raise ShapeMismatchError(f"{where}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}.")
+        raise ShapeMismatchError(f"{where}: {INDEX_NAME} lists no tensors {missing[:5]} and unexpected tensors "
+                                 f"{unexpected[:5]} for its {CONFIG_NAME}.")
     for key, tensor in current.items():
         if saved[key].shape != tensor.shape:
             raise ShapeMismatchError(

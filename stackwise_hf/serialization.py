@@ -203,7 +203,7 @@ def load_tensors(path: str, keys: Iterable[str] | None = None, device: str | tor
             wanted = list(f.keys()) if keys is None else list(keys)
             missing = sorted(set(wanted) - set(f.keys()))
             if missing:
-                raise CorruptFileError(f"{path}: the index names tensors this shard lacks: {missing[:5]}.")
+                raise CorruptFileError(f"{path}: {INDEX_NAME} names tensors this shard lacks: {missing[:5]}.")
             return {key: f.get_tensor(key) for key in wanted}
     except SafetensorError as err:
         raise CorruptFileError(f"{path}: cannot read safetensors data ({err}).") from err
