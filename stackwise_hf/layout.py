@@ -159,6 +159,23 @@ REMOTE_CODE_FILES = (
     "layout.py",
 )
 
+# --- checkpoints (training/checkpoint_format.py reads and writes them) ---
+# <run>/checkpoint-00000012/{manifest.json, trainer_state.json, run_state.json, rack/, rng/, data/, custom/,
+# activation_cache/}; written under a `.tmp` name and renamed into place.
+CHECKPOINT_FORMAT = "stackwise-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_MANIFEST = "manifest.json"
+CHECKPOINT_TRAINER_STATE = "trainer_state.json"
+CHECKPOINT_RUN_STATE = "run_state.json"
+CHECKPOINT_RACK_DIR = "rack"
+CHECKPOINT_RNG_DIR = "rng"
+CHECKPOINT_DATA_DIR = "data"  # per process: the streamed corpus position (`streaming.TrainStream.state_dict()`)
+CHECKPOINT_CUSTOM_DIR = "custom"
+CHECKPOINT_ACTIVATION_CACHE_DIR = "activation_cache"
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_TMP_SUFFIX = ".tmp"
+CHECKPOINT_DIR_NAME = re.compile(r"^checkpoint-\d{8,}(?:-\d+)?$")
+
 # The `auto_map` a rack saved with its code carries in config.json: the config, the base model, and the
 # rack's own task class (keyed by the class name in `architectures`), all in the shipped modules.
 REMOTE_CODE_AUTO_MAP = {

@@ -49,25 +49,19 @@ from safetensors.torch import save_file
 
 from .. import serialization
 from ..errors import CheckpointError, CorruptFileError
+from .. import layout
+from ..layout import ADAPTER_MANIFEST
 from .fsdp import shard_like_params
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "stackwise-checkpoint"
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-TRAINER_STATE_NAME = "trainer_state.json"
-RUN_STATE_NAME = "run_state.json"
-RACK_DIR = "rack"
-RNG_DIR = "rng"
-DATA_DIR = "data"  # per process: the streamed corpus position (`streaming.TrainStream.state_dict()`)
-CUSTOM_DIR = "custom"
-ACTIVATION_CACHE_DIR = "activation_cache"
-PREFIX = "checkpoint-"
-TMP_SUFFIX = ".tmp"
-CHECKPOINT_NAME = re.compile(r"^checkpoint-\d{8,}(?:-\d+)?$")
-_ADAPTER_MANIFEST = "adapters/stackwise_adapters.json"  # adapter_files.MANIFEST_PATH, without importing peft
-_REQUIRED = (TRAINER_STATE_NAME, RUN_STATE_NAME, f"{RACK_DIR}/config.json", f"{RACK_DIR}/{serialization.INDEX_NAME}")
+# The checkpoint directory's names live in `layout` with every other on-disk name.
+FORMAT, FORMAT_VERSION, MANIFEST_NAME = layout.CHECKPOINT_FORMAT, layout.CHECKPOINT_FORMAT_VERSION, layout.CHECKPOINT_MANIFEST
+TRAINER_STATE_NAME, RUN_STATE_NAME = layout.CHECKPOINT_TRAINER_STATE, layout.CHECKPOINT_RUN_STATE
+RACK_DIR, RNG_DIR, DATA_DIR = layout.CHECKPOINT_RACK_DIR, layout.CHECKPOINT_RNG_DIR, layout.CHECKPOINT_DATA_DIR
+CUSTOM_DIR, ACTIVATION_CACHE_DIR = layout.CHECKPOINT_CUSTOM_DIR, layout.CHECKPOINT_ACTIVATION_CACHE_DIR
+PREFIX, TMP_SUFFIX, CHECKPOINT_NAME = layout.CHECKPOINT_PREFIX, layout.CHECKPOINT_TMP_SUFFIX, layout.CHECKPOINT_DIR_NAME
+_REQUIRED = (TRAINER_STATE_NAME, RUN_STATE_NAME, f"{RACK_DIR}/{layout.CONFIG_NAME}", f"{RACK_DIR}/{serialization.INDEX_NAME}")
 
 
 class CorruptCheckpointError(CheckpointError, CorruptFileError):
@@ -345,7 +339,7 @@ def _check_rack_references(directory: str, listed: set[str]) -> None:
         raise CorruptCheckpointError(f"{index_path}: `weight_map` must map tensor names to file names.")
     shards = set(weight_map.values())
     wanted = {f"{RACK_DIR}/{name}" for name in shards}
-    adapter_manifest = f"{RACK_DIR}/{_ADAPTER_MANIFEST}"
+    adapter_manifest = f"{RACK_DIR}/{ADAPTER_MANIFEST}"
     if adapter_manifest in listed:
         manifest_file = os.path.join(directory, adapter_manifest)
         entries = _read_json_object(manifest_file).get("adapters")
