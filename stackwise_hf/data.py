@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from .shakespeare import load_shakespeare
+
 logger = logging.getLogger(__name__)
 
 BUNDLED_DATASET = "shakespeare"
@@ -330,8 +332,6 @@ def _load_dataset_dict(data_args: DataArguments):
     import datasets
 
     if data_args.dataset == BUNDLED_DATASET:
-        from .shakespeare import load_shakespeare
-
         bundled = load_shakespeare()
         if data_args.streaming:  # in memory already; streamed in shards so processes can split it
             return datasets.IterableDatasetDict(

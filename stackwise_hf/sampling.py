@@ -157,6 +157,8 @@ def depth_unroll_generate(rack, prefix_ids=None, length: int = 64, ratios: list[
     ids, mask_id = _start(rack, prefix_ids, length, num_samples)
     n = rack.num_stacks
     if ratios is None:
+        # Imported here, not at the top: `stackwise_hf.training` brings in the whole trainer (accelerate,
+        # datasets hooks), which sampling from a rack does not otherwise need.
         from .training.masking import ObjectiveConfig
 
         ratios = ObjectiveConfig().depth_ratios_for(n)
