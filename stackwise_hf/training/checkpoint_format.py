@@ -308,24 +308,24 @@ def verify_checkpoint(path: str | os.PathLike, hashes: bool = True) -> dict:
                 and isinstance(entry.get("sha256"), str)):
             raise CorruptCheckpointError(f"{manifest_path}: bad entry for {rel!r}: {entry!r}.")
         if not os.path.isfile(full):
-            raise CorruptCheckpointError(f"{directory}: {rel} is listed in the manifest but missing.")
+            raise CorruptCheckpointError(f"{directory}: {rel} is listed in {MANIFEST_NAME} but missing.")
         size = os.path.getsize(full)
         if size != entry["size"]:
             raise CorruptCheckpointError(
-                f"{directory}: {rel} is {size} bytes on disk; the manifest says {entry['size']} "
-                "(truncated or overwritten)."
+                f"{directory}: {rel} is {size} bytes on disk; the manifest ({MANIFEST_NAME}) says {entry['size']} "
+                f"(the file or {MANIFEST_NAME} was truncated or overwritten)."
             )
         if hashes and _sha256(full) != entry["sha256"]:
             raise CorruptCheckpointError(
-                f"{directory}: {rel} fails its sha256 check (the manifest has {entry['sha256'][:12]}...); "
-                "the file was altered."
+                f"{directory}: {rel} fails its sha256 check ({MANIFEST_NAME} has {entry['sha256'][:12]}...); "
+                f"the file or {MANIFEST_NAME} was altered."
             )
     unlisted = sorted(set(_walk_files(directory)) - set(files) - {MANIFEST_NAME})
     if unlisted:
-        raise CorruptCheckpointError(f"{directory}: files not listed in the manifest: {unlisted[:5]}; refused.")
+        raise CorruptCheckpointError(f"{directory}: files not listed in {MANIFEST_NAME}: {unlisted[:5]}; refused.")
     missing = [rel for rel in _REQUIRED if rel not in files]
     if missing:
-        raise CorruptCheckpointError(f"{directory}: the manifest lacks required file(s) {missing}.")
+        raise CorruptCheckpointError(f"{directory}: {MANIFEST_NAME} lacks required file(s) {missing}.")
     _check_rack_references(directory, set(files))
     return manifest
 
@@ -354,7 +354,7 @@ def _check_rack_references(directory: str, listed: set[str]) -> None:
     outside = sorted(w for w in wanted if posixpath.normpath(w) not in listed)
     if outside:
         raise CorruptCheckpointError(
-            f"{directory}: the rack refers to files the manifest does not list: {outside[:5]}."
+            f"{directory}: the rack refers to files {MANIFEST_NAME} does not list: {outside[:5]}."
         )
 
 
