@@ -312,7 +312,7 @@ def verify_checkpoint(path: str | os.PathLike, hashes: bool = True) -> dict:
         size = os.path.getsize(full)
         if size != entry["size"]:
             raise CorruptCheckpointError(
-                f"{directory}: {rel} is {size} bytes on disk; the manifest ({MANIFEST_NAME}) says {entry['size']} "
+                f"{directory}: {rel} is {size} bytes on disk; the manifest says {entry['size']} "
                 f"(the file or {MANIFEST_NAME} was truncated or overwritten)."
             )
         if hashes and _sha256(full) != entry["sha256"]:
