@@ -253,13 +253,7 @@ _SUMMARY_TYPES = {"global_step": int, "stage": int, "stack_idx": int, "time": (i
 def _read_manifest(manifest_path: str) -> dict:
     """The manifest, its shape checked: a damaged one raises `CorruptCheckpointError` naming the file and
     what is wrong, never a TypeError or UnicodeDecodeError; an unknown version raises naming it."""
-    try:
-        with open(manifest_path, "rb") as f:
-            manifest = json.loads(f.read().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CorruptCheckpointError(f"{manifest_path}: not valid JSON ({err}).") from err
-    if not isinstance(manifest, dict):
-        raise CorruptCheckpointError(f"{manifest_path}: expected a JSON object, got {type(manifest).__name__}.")
+    manifest = _read_json_object(manifest_path)
     missing = [k for k in ("format", "format_version", "files", "summary") if k not in manifest]
     if missing:
         raise CorruptCheckpointError(f"{manifest_path}: missing field(s) {missing}.")
