@@ -62,14 +62,18 @@ def recipe_names() -> list[str]:
 
 
 def recipe_stages(name: str, n_stacks: int) -> list[dict]:
-    """The recipe's stages for a rack of `n_stacks` stacks: its last growth stage is repeated (or growth
-    stages dropped from the end) so the rack grows to that depth; stages after the growth stay last."""
+    """The recipe's stages for a rack of `n_stacks` stacks. A deeper rack repeats the recipe's middle growth
+    stage (the one before its last) and keeps the last growth stage last, since a recipe may treat it
+    apart (constant_lr decays the rate only there); a shallower one drops middle stages. Stages after
+    the growth (a fusion stage) stay last."""
     with open(os.path.join(RECIPES_DIR, f"{name}.yaml"), encoding="utf-8") as f:
         stages = yaml.safe_load(f)["stages"]
     growth = [i for i, s in enumerate(stages) if s.get("grow")]
     head, tail = stages[:growth[0]], stages[growth[-1] + 1:]
     grown = [stages[i] for i in growth]
-    grown = (grown + [grown[-1]] * n_stacks)[:n_stacks - 1]
+    middle = grown[-2] if len(grown) > 1 else grown[-1]
+    wanted = n_stacks - 1
+    grown = (grown[:-1] + [middle] * max(0, wanted - len(grown)))[:wanted - 1] + [grown[-1]] if wanted else []
     out = [copy.deepcopy(s) for s in head + grown + tail]
     for k, stage in enumerate(out):
         if stage.get("grow"):
@@ -77,18 +81,27 @@ def recipe_stages(name: str, n_stacks: int) -> list[dict]:
     return out
 
 
-def e2e_stages(args) -> list[dict]:
-    return [dict(name="e2e", train=["all"], max_steps=args.e2e_steps, learning_rate=args.lr, warmup_steps=10)]
+def e2e_steps(args, objective: str) -> int:
+    """End-to-end steps, the budget of every run: masked diffusion learns more slowly per token than causal
+    LM (it predicts from partial context), so it gets its own, larger budget."""
+    return args.e2e_steps_md if objective == "masked_diffusion" else args.e2e_steps
 
 
-def e2e_constant_lr_stages(args) -> list[dict]:
+def e2e_stages(args, objective: str) -> list[dict]:
+    lr = args.lr_md if objective == "masked_diffusion" else args.lr
+    return [dict(name="e2e", train=["all"], max_steps=e2e_steps(args, objective), learning_rate=lr, warmup_steps=10)]
+
+
+def e2e_constant_lr_stages(args, objective: str) -> list[dict]:
     """End to end with the learning-rate shape of the `constant_lr` recipe: its first stage's rate held
     for two thirds of the steps, then its last stage's rate decayed (cosine) over the last third; a
     baseline that separates the schedule's effect from growth's. (Two stages: AdamW restarts between.)"""
-    hold = round(args.e2e_steps * 2 / 3)
-    return [dict(name="e2e_hold", train=["all"], max_steps=hold, learning_rate=3e-3, warmup_steps=10,
-                 lr_scheduler_type="constant_with_warmup"),
-            dict(name="e2e_decay", train=["all"], max_steps=args.e2e_steps - hold, learning_rate=2e-3)]
+    recipe, steps = recipe_stages("constant_lr", 3), e2e_steps(args, objective)
+    hold = round(steps * 2 / 3)
+    return [dict(name="e2e_hold", train=["all"], max_steps=hold, learning_rate=recipe[0]["learning_rate"],
+                 warmup_steps=10, lr_scheduler_type="constant_with_warmup"),
+            dict(name="e2e_decay", train=["all"], max_steps=steps - hold, learning_rate=recipe[-1]["learning_rate"],
+                 warmup_steps=0, lr_scheduler_type=recipe[-1].get("lr_scheduler_type", "cosine"))]
 
 
 def experiment_document(args, corpus: str, depth: str, objective: str, run: str, seed: int, data_dir: str,
@@ -97,7 +110,7 @@ def experiment_document(args, corpus: str, depth: str, objective: str, run: str,
     model = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
                  num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                  max_position_embeddings=max(512, args.block), stack_sizes=[2] * n if run in E2E_RUNS else [2])
-    stages = E2E_RUNS[run](args) if run in E2E_RUNS else recipe_stages(run, n)
+    stages = E2E_RUNS[run](args, objective) if run in E2E_RUNS else recipe_stages(run, n)
     for stage in stages:
         stage["objective"] = objective
         stage.pop("trunk_mode", None)  # recompute: a cache is built over the whole corpus, never repaid here
@@ -197,7 +210,7 @@ def worker(args) -> list[dict]:
             if e2e_flops is None:  # the budget: the end-to-end run's FLOPs
                 e2e = ExperimentConfig.from_dict(experiment_document(
                     args, args.corpus, args.depth, args.objective, "e2e", args.seed, args.data_dir, output_dir))
-                e2e_flops = flops_per_step(e2e)[0] * args.e2e_steps
+                e2e_flops = flops_per_step(e2e)[0] * e2e_steps(args, args.objective)
             planned = fit_budget(experiment, e2e_flops)
             eval_every = max(5, sum(s.max_steps for s in experiment.stages) // args.evals)
             experiment.training.logging_steps = experiment.training.eval_steps = eval_every
@@ -278,13 +291,14 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=recipe_names())
     parser.add_argument("--baselines", nargs="*", default=list(E2E_BASELINES),
                         help="other end-to-end runs, on the first corpus and depth")
-    parser.add_argument("--headline", nargs="+", default=["identity", "fusion_full"],
+    parser.add_argument("--headline", nargs="+", default=["constant_lr", "identity"],
                         help="recipes run on every corpus and depth and with every seed")
     parser.add_argument("--full", action="store_true", help="every recipe on every corpus and depth")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed, first-seed + 1, ...")
-    parser.add_argument("--e2e-steps", type=int, default=240, help="end-to-end steps at the default depth (its "
-                        "FLOPs are every recipe's budget); the deep rack gets the same steps")
+    parser.add_argument("--e2e-steps", type=int, default=300, help="causal LM: end-to-end steps (their FLOPs are "
+                        "every recipe's budget); the deep rack gets the same steps, so twice the FLOPs")
+    parser.add_argument("--e2e-steps-md", type=int, default=600, help="masked diffusion: end-to-end steps")
     parser.add_argument("--evals", type=int, default=12, help="evaluations per run (plus one per stage end)")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--ffn", type=int, default=176)
@@ -294,7 +308,9 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=64, help="tokens per block")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--eval-blocks", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-3, help="end-to-end peak learning rate")
+    parser.add_argument("--lr", type=float, default=6e-3, help="causal LM: end-to-end peak learning rate (the best "
+                        "of a sweep, docs/benchmarks.md)")
+    parser.add_argument("--lr-md", type=float, default=2e-3, help="masked diffusion: end-to-end peak learning rate")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=2, help="groups trained in parallel processes")
     parser.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "stackwise-quality-data"))
@@ -345,10 +361,12 @@ def main() -> None:
 
 
 def _shared_flags(args) -> list[str]:
-    return ["--e2e-steps", str(args.e2e_steps), "--evals", str(args.evals), "--hidden", str(args.hidden),
-            "--ffn", str(args.ffn), "--heads", str(args.heads), "--kv-heads", str(args.kv_heads),
+    return ["--e2e-steps", str(args.e2e_steps), "--e2e-steps-md", str(args.e2e_steps_md), "--evals", str(args.evals),
+            "--hidden", str(args.hidden), "--ffn", str(args.ffn), "--heads", str(args.heads),
+            "--kv-heads", str(args.kv_heads),
             "--vocab", str(args.vocab), "--block", str(args.block), "--batch", str(args.batch),
-            "--eval-blocks", str(args.eval_blocks), "--lr", str(args.lr), "--threads", str(args.threads),
+            "--eval-blocks", str(args.eval_blocks), "--lr", str(args.lr), "--lr-md", str(args.lr_md),
+            "--threads", str(args.threads),
             "--data-dir", args.data_dir]
 
 
@@ -466,8 +484,10 @@ def section_text(table_text: str, rows: list[dict], args, results: list[dict]) -
         f"- Command: `{command}`",
         f"- Model: hidden {args.hidden}, ffn {args.ffn}, {args.heads}/{args.kv_heads} heads, vocab {args.vocab} (BPE "
         f"trained on each corpus), blocks of {args.block} tokens, batch {args.batch}; stacks of 2 blocks, 3 (default) "
-        f"or 6 (deep). End to end: {args.e2e_steps} steps, every weight, lr {args.lr}, cosine. Each recipe's stage "
-        "lengths are scaled to end to end's training FLOPs (`stackwise_hf/training/flops.py`).",
+        f"or 6 (deep). End to end: {args.e2e_steps} steps (masked diffusion: {args.e2e_steps_md}), every weight, "
+        f"peak lr {args.lr} (masked diffusion: {args.lr_md}), cosine. Each recipe's stage lengths are scaled to "
+        "end to end's training FLOPs "
+        "(`stackwise_hf/training/flops.py`).",
         "- Held-out loss on the first "
         f"{args.eval_blocks} held-out blocks: causal LM cross-entropy; masked diffusion: cross-entropy at the masked "
         "positions under fixed eval masks. Parity target: end to end's final held-out loss (mean over seeds). "
