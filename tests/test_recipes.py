@@ -1,5 +1,6 @@
 """configs/recipes/: every recipe is an experiment file that loads, resolves its schedule and trains as it is."""
 
+import importlib
 import pathlib
 
 import pytest
@@ -35,3 +36,25 @@ def test_every_recipe_trains_as_it_is(tmp_path, path):
     assert [s.name for s in result.stages] == [s.name for s in experiment.stages]
     assert result.stages[-1].stack_sizes == [2, 2, 2] and result.stages[-1].flops > 0
 
+
+
+def test_the_default_config_trains_on_the_recommended_recipe():
+    root = pathlib.Path(__file__).parent.parent
+    default = ExperimentConfig.from_yaml(root / "configs" / "default.yaml")
+    recommended = ExperimentConfig.from_yaml(root / "configs" / "recipes" / "constant_lr.yaml")
+    assert default.stages == recommended.stages and default.model.to_dict() == recommended.model.to_dict()
+
+
+def test_the_quality_bench_grows_a_deeper_rack_by_repeating_the_middle_growth_stage(monkeypatch):
+    # bench/quality.py's deep rack (6 stacks) must keep the recipe's last growth stage last: constant_lr
+    # decays its rate only there, so repeating it would decay the rate in every added stage.
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parent.parent / "bench"))
+    quality = importlib.import_module("quality")
+    for n_stacks, schedules in ((3, ["constant_with_warmup", "constant", "cosine"]),
+                                (6, ["constant_with_warmup"] + ["constant"] * 4 + ["cosine"]),
+                                (2, ["constant_with_warmup", "cosine"])):
+        stages = quality.recipe_stages("constant_lr", n_stacks)
+        assert [s["lr_scheduler_type"] for s in stages] == schedules
+        assert [s["name"] for s in stages] == [f"stack_{k}" for k in range(n_stacks)]
+    fusion = quality.recipe_stages("fusion_full", 6)
+    assert [s["name"] for s in fusion][-2:] == ["stack_5", "fusion"] and len(fusion) == 7
