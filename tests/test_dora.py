@@ -55,9 +55,12 @@ def test_dora_adapters_save_load_and_merge(tmp_path):
     for name in ("stack_1", "trunk"):
         adapters.merge_stack_adapter(loaded, name)
     assert not any("lora_" in n for n, _ in loaded.named_parameters())
-    # The merge folds magnitude and direction into one weight: float32 rounding differs from the unmerged
-    # forward (which scales the output), so equal up to a few ulps of the logits.
-    torch.testing.assert_close(_logits(loaded), expected, rtol=1e-5, atol=1e-5)
+    # The merge folds magnitude and direction into one weight, so float32 rounds differently from the
+    # unmerged forward (which scales the output), and by how much depends on the CPU's kernels: the largest
+    # logit difference was 1.15e-5 on an Intel Xeon (about 260 float32 ulps of the largest logit, 0.37)
+    # and under 1e-5 on an AMD EPYC. 1e-4 leaves ~9x room; a merge that dropped or misapplied the
+    # magnitude would move logits by tenths.
+    torch.testing.assert_close(_logits(loaded), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_a_stage_trains_a_dora_stack_adapter(tmp_path):
