@@ -410,6 +410,8 @@ def best_e2e(results: list[dict]) -> dict:
 def summarize(results: list[dict]) -> list[dict]:
     """One row per (corpus, depth, objective, run), seeds pooled: mean and spread of the final loss."""
     keys = list(dict.fromkeys((r["corpus"], r["depth"], r["objective"], r["run"]) for r in results))
+    panels = list(dict.fromkeys(key[:3] for key in keys))
+    keys.sort(key=lambda key: panels.index(key[:3]))  # rows of one panel together, across --from-json files
     targets = best_e2e(results)
     rows = []
     for key in keys:

@@ -13,7 +13,7 @@ NAMES = [p.stem for p in RECIPES]
 
 
 def test_the_recipes_the_project_documents_are_there():
-    assert {"identity", "copy", "dual_lora", "fusion_full", "fusion_lora", "constant_lr"} <= set(NAMES)
+    assert {"identity", "copy", "dual_lora", "fusion_full", "fusion_lora", "constant_lr", "diffusion"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=NAMES)
@@ -30,7 +30,8 @@ def test_every_recipe_trains_as_it_is(tmp_path, path):
     # The recipe's schedule on a tiny model and synthetic blocks: what is checked is that every stage runs.
     overrides = ["stages.*.max_steps=1", "stages.*.warmup_steps=0", "model.vocab_size=96", "model.hidden_size=32",
                  "model.intermediate_size=64", "training.per_device_train_batch_size=4", "training.report_to=none",
-                 "training.plot=false", "training.save_interval=null", f"training.output_dir={tmp_path / 'run'}"]
+                 "training.plot=false", "training.save_interval=null", f"training.output_dir={tmp_path / 'run'}",
+                 "model.mask_token_id=3"]  # the bundled tokenizer's <mask>; masked recipes need one, no tokenizer here
     experiment = ExperimentConfig.from_yaml(path, overrides=overrides)
     result = ProgressiveTrainer(experiment, train_dataset=synthetic_blocks(8), eval_dataset=synthetic_blocks(4)).train()
     assert [s.name for s in result.stages] == [s.name for s in experiment.stages]
