@@ -72,9 +72,13 @@ def recipe_stages(name: str, n_stacks: int) -> list[dict]:
     growth = [i for i, s in enumerate(stages) if s.get("grow")]
     head, tail = stages[:growth[0]], stages[growth[-1] + 1:]
     grown = [stages[i] for i in growth]
-    middle = grown[-2] if len(grown) > 1 else grown[-1]
-    wanted = n_stacks - 1
-    grown = (grown[:-1] + [middle] * max(0, wanted - len(grown)))[:wanted - 1] + [grown[-1]] if wanted else []
+    wanted = n_stacks - 1  # growth stages: one per stack after the first
+    if wanted == 0:
+        grown = []
+    else:
+        middle = grown[-2] if len(grown) > 1 else grown[-1]
+        extra = max(0, wanted - len(grown))
+        grown = (grown[:-1] + [middle] * extra)[:wanted - 1] + [grown[-1]]
     out = [copy.deepcopy(s) for s in head + grown + tail]
     for k, stage in enumerate(out):
         if stage.get("grow"):
@@ -382,11 +386,9 @@ def main() -> None:
 def _shared_flags(args) -> list[str]:
     return ["--e2e-steps", str(args.e2e_steps), "--e2e-steps-md", str(args.e2e_steps_md), "--evals", str(args.evals),
             "--hidden", str(args.hidden), "--ffn", str(args.ffn), "--heads", str(args.heads),
-            "--kv-heads", str(args.kv_heads),
-            "--vocab", str(args.vocab), "--block", str(args.block), "--batch", str(args.batch),
-            "--eval-blocks", str(args.eval_blocks), "--lr", *map(str, args.lr), "--lr-md", *map(str, args.lr_md),
-            "--threads", str(args.threads),
-            "--data-dir", args.data_dir]
+            "--kv-heads", str(args.kv_heads), "--vocab", str(args.vocab), "--block", str(args.block),
+            "--batch", str(args.batch), "--eval-blocks", str(args.eval_blocks), "--lr", *map(str, args.lr),
+            "--lr-md", *map(str, args.lr_md), "--threads", str(args.threads), "--data-dir", args.data_dir]
 
 
 # Reading the results -------------------------------------------------------------------------------------
@@ -522,9 +524,8 @@ def section_text(table_text: str, rows: list[dict], args, results: list[dict]) -
         f"trained on each corpus), blocks of {args.block} tokens, batch {args.batch}; stacks of 2 blocks, 3 (default) "
         f"or 6 (deep). End to end: {args.e2e_steps} steps (masked diffusion: {args.e2e_steps_md}), every weight, "
         f"peak lr {' or '.join(map(str, args.lr))} (masked diffusion: {' or '.join(map(str, args.lr_md))}), cosine, "
-        "the best rate's final loss the target. Each recipe's stage lengths are scaled to "
-        "end to end's training FLOPs "
-        "(`stackwise_hf/training/flops.py`).",
+        "the best rate's final loss the target. Each recipe's stage lengths are scaled to end to end's "
+        "training FLOPs (`stackwise_hf/training/flops.py`).",
         "- Held-out loss on the first "
         f"{args.eval_blocks} held-out blocks: causal LM cross-entropy; masked diffusion: cross-entropy at the masked "
         "positions under fixed eval masks. Parity target: end to end's final held-out loss (mean over seeds). "

@@ -38,7 +38,6 @@ def test_every_recipe_trains_as_it_is(tmp_path, path):
     assert result.stages[-1].stack_sizes == [2, 2, 2] and result.stages[-1].flops > 0
 
 
-
 def test_the_default_config_trains_on_the_recommended_recipe():
     root = pathlib.Path(__file__).parent.parent
     default = ExperimentConfig.from_yaml(root / "configs" / "default.yaml")
